@@ -1,0 +1,70 @@
+"""The registry of model families hf_tome can patch, and how each family describes itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """Sizes the FLOPs formula needs, for one model at one input size."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_patches: int
+    protected: int
+    patch_macs_per_patch: int  # MACs of embedding one patch (channels * patch area * hidden)
+    head_macs: int  # MACs of the classifier(s) on top, 0 for a bare backbone
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How hf_tome patches one model family.
+
+    class_map: stock transformers class -> hf_tome subclass, swapped in place on ``apply`` and back on
+        ``remove`` (weights, parameter names and hooks stay untouched).
+    supported: the top-level model classes users may pass.
+    loop_module: returns the submodule that runs the encoder loop and holds the reduction plan.
+    encoder_shape: sizes for FLOPs accounting at a given (height, width), or the config's image size.
+    """
+
+    family: str
+    class_map: dict[type[nn.Module], type[nn.Module]]
+    supported: tuple[type[nn.Module], ...]
+    protected_tokens: Callable[[PretrainedConfig], int]
+    loop_module: Callable[[nn.Module], nn.Module]
+    encoder_shape: Callable[[nn.Module, tuple[int, int] | None], EncoderShape]
+    reverse_map: dict[type[nn.Module], type[nn.Module]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reverse_map", {new: old for old, new in self.class_map.items()})
+
+
+_ADAPTERS: list[Adapter] = []
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Make a family patchable by ``hf_tome.apply``."""
+    _ADAPTERS.append(adapter)
+    return adapter
+
+
+def supported_class_names() -> list[str]:
+    """Names of every model class hf_tome can patch, for error messages and docs."""
+    return sorted(cls.__name__ for adapter in _ADAPTERS for cls in adapter.supported)
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model`` (patched or not); raises ``ValueError`` listing the supported classes."""
+    for adapter in _ADAPTERS:
+        stock = adapter.reverse_map.get(type(model), type(model))
+        if stock in adapter.supported:
+            return adapter
+    raise ValueError(
+        f"hf_tome does not support {type(model).__name__}: expected one of {', '.join(supported_class_names())}"
+    )

@@ -1,0 +1,162 @@
+"""ViT family adapter: ViT and DeiT (same block layout; DeiT adds a protected distillation token).
+
+Block: ``x = x + attn(layernorm_before(x)); x = merge(x); x = x + mlp(layernorm_after(x))``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.deit import modeling_deit as deit
+from transformers.models.vit import modeling_vit as vit
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from ..mixin import ToMeModelMixin
+from .common import (
+    KeyMetricAttentionMixin,
+    ReductionPlan,
+    TokenMergeOutput,
+    proportional_attention_mask,
+    reduce_tokens,
+    run_layers,
+)
+from .registry import Adapter, EncoderShape, register_adapter
+
+
+class _ViTStyleLayerMixin:
+    """Forward of a ViT/DeiT layer with a token reduction between attention and MLP."""
+
+    def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
+                tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False, **kwargs):
+        residual = hidden_states
+        mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
+        attn_output, _, metric = self.attention(self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0,
+                                                **kwargs)
+        hidden_states = self.dropout(attn_output) + residual
+        hidden_states, size, positions, source = reduce_tokens(
+            hidden_states, metric, size, positions, source, tome_r, protected, trace_source
+        )
+        residual = hidden_states
+        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+        return hidden_states, size, positions, source
+
+
+class _ViTStyleModelMixin(ToMeModelMixin):
+    """Forward of ``ViTModel``/``DeiTModel`` running hf_tome's encoder loop."""
+
+    _tome_plan: ReductionPlan
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor | None = None, bool_masked_pos: torch.BoolTensor | None = None,
+                interpolate_pos_encoding: bool | None = None, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> TokenMergeOutput:
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        embedding_output = self.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+        )
+        hidden, size, positions, source = run_layers(self.layers, embedding_output, self._tome_plan, attention_mask,
+                                                     **kwargs)
+        sequence_output = self.layernorm(hidden)
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        return TokenMergeOutput(last_hidden_state=sequence_output, pooler_output=pooled_output, token_sizes=size,
+                                token_positions=positions, token_source=source)
+
+
+# ViT
+class ToMeViTAttention(KeyMetricAttentionMixin, vit.ViTAttention):
+    _eager_attention = staticmethod(vit.eager_attention_forward)
+
+
+class ToMeViTLayer(_ViTStyleLayerMixin, vit.ViTLayer):
+    pass
+
+
+class ToMeViTModel(_ViTStyleModelMixin, vit.ViTModel):
+    pass
+
+
+class ToMeViTForImageClassification(ToMeModelMixin, vit.ViTForImageClassification):
+    pass
+
+
+# DeiT: class token at 0 and distillation token at 1 are both protected, so both heads read them unchanged.
+class ToMeDeiTAttention(KeyMetricAttentionMixin, deit.DeiTAttention):
+    _eager_attention = staticmethod(deit.eager_attention_forward)
+
+
+class ToMeDeiTLayer(_ViTStyleLayerMixin, deit.DeiTLayer):
+    pass
+
+
+class ToMeDeiTModel(_ViTStyleModelMixin, deit.DeiTModel):
+    pass
+
+
+class ToMeDeiTForImageClassification(ToMeModelMixin, deit.DeiTForImageClassification):
+    pass
+
+
+class ToMeDeiTForImageClassificationWithTeacher(ToMeModelMixin, deit.DeiTForImageClassificationWithTeacher):
+    pass
+
+
+def _image_size(config) -> tuple[int, int]:
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _encoder_shape(model, image_size: tuple[int, int] | None, protected: int) -> EncoderShape:
+    config = model.config
+    height, width = image_size or _image_size(config)
+    patch = config.patch_size
+    classifiers = [m for name, m in model.named_children() if "classifier" in name and hasattr(m, "out_features")]
+    return EncoderShape(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_patches=(height // patch) * (width // patch),
+        protected=protected,
+        patch_macs_per_patch=config.num_channels * patch * patch * config.hidden_size,
+        head_macs=sum(m.in_features * m.out_features for m in classifiers),
+    )
+
+
+def _loop_module(model):
+    return model if isinstance(model, vit.ViTModel | deit.DeiTModel) else model.base_model
+
+
+register_adapter(Adapter(
+    family="vit",
+    class_map={
+        vit.ViTAttention: ToMeViTAttention,
+        vit.ViTLayer: ToMeViTLayer,
+        vit.ViTModel: ToMeViTModel,
+        vit.ViTForImageClassification: ToMeViTForImageClassification,
+    },
+    supported=(vit.ViTModel, vit.ViTForImageClassification),
+    protected_tokens=lambda config: 1,
+    loop_module=_loop_module,
+    encoder_shape=lambda model, image_size: _encoder_shape(model, image_size, 1),
+))
+
+register_adapter(Adapter(
+    family="deit",
+    class_map={
+        deit.DeiTAttention: ToMeDeiTAttention,
+        deit.DeiTLayer: ToMeDeiTLayer,
+        deit.DeiTModel: ToMeDeiTModel,
+        deit.DeiTForImageClassification: ToMeDeiTForImageClassification,
+        deit.DeiTForImageClassificationWithTeacher: ToMeDeiTForImageClassificationWithTeacher,
+    },
+    supported=(deit.DeiTModel, deit.DeiTForImageClassification, deit.DeiTForImageClassificationWithTeacher),
+    protected_tokens=lambda config: 2,
+    loop_module=_loop_module,
+    encoder_shape=lambda model, image_size: _encoder_shape(model, image_size, 2),
+))

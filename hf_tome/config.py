@@ -1,0 +1,139 @@
+"""`ToMeConfig`: every setting of token merging / pruning in one JSON-serialisable object.
+
+The config is stored on a patched model as a plain dict under ``model.config.tome`` (a dataclass does not
+survive ``save_pretrained``), and rebuilt with :meth:`ToMeConfig.from_dict` when the model is loaded again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+def _invalid(field_name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"ToMeConfig.{field_name}={value!r} is invalid: expected {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_kept_list(name: str, kept: Any) -> None:
+    """Kept-token lists must be positive ints that never grow with depth."""
+    if kept is None:
+        return
+    allowed = "a non-empty list of positive ints, non-increasing with depth"
+    if not isinstance(kept, list | tuple) or not kept or not all(_is_int(k) and k > 0 for k in kept):
+        raise _invalid(name, kept, allowed)
+    for depth in range(1, len(kept)):
+        if kept[depth] > kept[depth - 1]:
+            raise _invalid(name, kept, f"{allowed} (layer {depth} keeps {kept[depth]} > {kept[depth - 1]})")
+
+
+@dataclass
+class ToMeConfig:
+    """Settings of token merging (ToMe) and unified token compression for one model.
+
+    Args:
+        r: tokens merged away in every layer (an int), or an explicit per-layer list (padded with 0 when
+            shorter than the model). r is clamped per layer to half of the unprotected tokens.
+        inflect: shape of the schedule for an int ``r``, in [-1, 1]: 0 is constant, -1 decreases from 2r
+            to 0 across depth, +1 increases from 0 to 2r. Ignored when ``r`` is a list.
+        prop_attn: add ``log(size)`` of each key token to the attention logits (proportional attention).
+        trace_source: track which original patches every token holds (needed for visualisation).
+        prune_kept: per-layer number of tokens kept after pruning by class attention (unified compression).
+        merge_kept: per-layer number of tokens kept after merging (unified compression).
+        budget_table: rows ``{"gflops", "prune_kept", "merge_kept", "accuracy"}`` found by a rate search.
+        budget: the FLOPs budget (GFLOPs, or a fraction of the full model's) picked from ``budget_table``.
+    """
+
+    r: int | list[int] = 0
+    inflect: float = 0.0
+    prop_attn: bool = True
+    trace_source: bool = False
+    prune_kept: list[int] | None = None
+    merge_kept: list[int] | None = None
+    budget_table: list[dict[str, Any]] | None = None
+    budget: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, tuple):
+            self.r = list(self.r)
+        if isinstance(self.prune_kept, tuple):
+            self.prune_kept = list(self.prune_kept)
+        if isinstance(self.merge_kept, tuple):
+            self.merge_kept = list(self.merge_kept)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, the value and what is allowed, for the first invalid field."""
+        if _is_int(self.r):
+            if self.r < 0:
+                raise _invalid("r", self.r, "an int >= 0 or a list of ints >= 0")
+        elif isinstance(self.r, list):
+            if not all(_is_int(x) and x >= 0 for x in self.r):
+                raise _invalid("r", self.r, "an int >= 0 or a list of ints >= 0")
+        else:
+            raise _invalid("r", self.r, "an int >= 0 or a list of ints >= 0")
+        if isinstance(self.inflect, bool) or not isinstance(self.inflect, int | float) or not -1 <= self.inflect <= 1:
+            raise _invalid("inflect", self.inflect, "a number in [-1, 1]")
+        for flag in ("prop_attn", "trace_source"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _invalid(flag, getattr(self, flag), "True or False")
+        _check_kept_list("prune_kept", self.prune_kept)
+        _check_kept_list("merge_kept", self.merge_kept)
+        if (self.prune_kept is None) != (self.merge_kept is None):
+            raise _invalid("merge_kept", self.merge_kept, "given together with prune_kept (both or neither)")
+        if self.prune_kept is not None:
+            if len(self.prune_kept) != len(self.merge_kept):
+                raise _invalid("merge_kept", self.merge_kept, f"a list as long as prune_kept ({len(self.prune_kept)})")
+            for depth, (pruned, merged) in enumerate(zip(self.prune_kept, self.merge_kept, strict=True)):
+                if merged > pruned:
+                    raise _invalid("merge_kept", self.merge_kept, f"<= prune_kept at every layer (layer {depth})")
+            if self.uses_merging_schedule:
+                raise _invalid("r", self.r, "0 when prune_kept/merge_kept are given (one reducer per model)")
+        if self.budget_table is not None:
+            if not isinstance(self.budget_table, list) or not all(
+                isinstance(row, dict) and {"gflops", "prune_kept", "merge_kept"} <= row.keys()
+                for row in self.budget_table
+            ):
+                raise _invalid("budget_table", self.budget_table,
+                               "a list of dicts with keys 'gflops', 'prune_kept', 'merge_kept'")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int | float)
+                                        or self.budget <= 0):
+            raise _invalid("budget", self.budget, "a positive number (GFLOPs, or a fraction <= 1 of the full model)")
+        if not isinstance(self.extra, dict):
+            raise _invalid("extra", self.extra, "a dict")
+
+    @property
+    def uses_merging_schedule(self) -> bool:
+        """True when an r schedule (not a kept-count list) reduces tokens."""
+        return (self.r > 0) if _is_int(self.r) else any(x > 0 for x in self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable dict (what is stored under ``config.tome``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ToMeConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError`` listing the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ToMeConfig field(s) {unknown}: expected some of {sorted(known)}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json_string(cls, text: str) -> ToMeConfig:
+        """Inverse of :meth:`to_json_string`."""
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> ToMeConfig:
+        """A validated copy with some fields changed."""
+        return ToMeConfig.from_dict({**self.to_dict(), **changes})

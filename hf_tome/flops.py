@@ -1,0 +1,69 @@
+"""MACs accounting for ViT-style encoders, per layer, with and without token reduction.
+
+One block with C channels, MLP width I, N tokens entering and N' after its reduction costs
+``4*N*C^2 + 2*N^2*C`` (attention at N) plus ``2*N'*C*I`` (MLP at N'; ``8*N'*C^2`` for the usual I = 4C).
+Patch embedding adds ``N_patches * C * channels * p^2`` and the classifier ``C * num_classes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .adapters.registry import EncoderShape, find_adapter
+from .schedule import tokens_per_layer
+
+
+@dataclass
+class ComputeReport:
+    """Token counts and MACs of every layer of one model at one input size (per image)."""
+
+    tokens_in: list[int]
+    tokens_out: list[int]
+    layer_macs: list[int]
+    embedding_macs: int
+    head_macs: int
+
+    @property
+    def total_macs(self) -> int:
+        return self.embedding_macs + sum(self.layer_macs) + self.head_macs
+
+    @property
+    def gmacs(self) -> float:
+        return self.total_macs / 1e9
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_macs": self.total_macs, "gmacs": self.gmacs}
+
+
+def block_macs(hidden_size: int, intermediate_size: int, tokens_in: int, tokens_out: int) -> int:
+    """MACs of one block: attention on ``tokens_in`` tokens, MLP on ``tokens_out`` (after reduction)."""
+    attention = 4 * tokens_in * hidden_size**2 + 2 * tokens_in**2 * hidden_size
+    return attention + 2 * tokens_out * hidden_size * intermediate_size
+
+
+def encoder_report(shape: EncoderShape, tokens_after: Sequence[int]) -> ComputeReport:
+    """Report for an encoder whose layer ``i`` reduces its input to ``tokens_after[i]`` tokens."""
+    tokens_in = [shape.num_patches + shape.protected, *tokens_after[:-1]]
+    layer_macs = [
+        block_macs(shape.hidden_size, shape.intermediate_size, n_in, n_out)
+        for n_in, n_out in zip(tokens_in, tokens_after, strict=True)
+    ]
+    return ComputeReport(tokens_in, list(tokens_after), layer_macs, shape.num_patches * shape.patch_macs_per_patch,
+                         shape.head_macs)
+
+
+def compute_report(model: nn.Module, image_size: tuple[int, int] | None = None) -> ComputeReport:
+    """Tokens entering each layer and the MACs per image of ``model`` as currently configured.
+
+    Works on patched and unpatched models (unpatched: no reduction). ``image_size`` (height, width) defaults
+    to the config's.
+    """
+    adapter = find_adapter(model)
+    shape = adapter.encoder_shape(model, image_size)
+    plan = getattr(adapter.loop_module(model), "_tome_plan", None)
+    schedule = plan.layer_r if plan is not None else [0] * shape.num_layers
+    counts = tokens_per_layer(shape.num_patches + shape.protected, schedule, shape.protected)
+    return encoder_report(shape, counts[1:])

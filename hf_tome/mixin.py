@@ -1,0 +1,41 @@
+"""`ToMeModelMixin`: what every hf_tome-patched model class adds to the stock transformers class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class ToMeModelMixin:
+    """Mixed into the patched classes: configure merging from the model and save like the stock class."""
+
+    @property
+    def tome_config(self):
+        """The ``ToMeConfig`` this model runs with."""
+        from .patch import tome_config_of
+
+        return tome_config_of(self)
+
+    def set_tome(self, config=None, **overrides: Any) -> nn.Module:
+        """Re-configure token merging in place (same arguments as ``hf_tome.apply``)."""
+        from .patch import apply
+
+        return apply(self, config, **overrides)
+
+    def tome_compute(self, image_size: tuple[int, int] | None = None):
+        """Token counts entering each layer and MACs per image (see ``hf_tome.compute_report``)."""
+        from .flops import compute_report
+
+        return compute_report(self, image_size)
+
+    def save_pretrained(self, *args: Any, **kwargs: Any):
+        """Save exactly like the stock class (``architectures`` names it), with ``config.tome`` kept."""
+        from .adapters.registry import find_adapter
+
+        patched_class = type(self)
+        self.__class__ = find_adapter(self).reverse_map[patched_class]
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched_class

@@ -1,0 +1,91 @@
+"""Bipartite soft matching (ToMe): decide which tokens merge into which, from a similarity metric.
+
+Pure tensor code with no knowledge of transformers. Protected tokens (class, distillation, registers) form a
+prefix ``[0, protected)`` of the sequence; they never merge away, never absorb another token, and keep their
+positions, so heads that read ``hidden[:, 0]`` or ``hidden[:, 1]`` are unaffected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Matching:
+    """The outcome of one matching step on a batch; apply it to any per-token tensor with :meth:`merge`.
+
+    Layout of a merged sequence: the protected prefix, then the unmerged tokens of set A (even positions) in
+    their original order, then the tokens of set B (odd positions) that are not protected.
+    """
+
+    protected: int
+    unmerged_a: torch.Tensor  # [B, n_unmerged, 1] indices into set A (unprotected, ascending)
+    merged_a: torch.Tensor  # [B, r, 1] indices into set A of the tokens merged away
+    destination_b: torch.Tensor  # [B, r, 1] indices into set B that absorb them
+
+    @property
+    def r(self) -> int:
+        return self.merged_a.shape[1]
+
+    def merge(self, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """Reduce ``x`` [B, N, C] to [B, N - r, C]; merged groups combine with ``reduce`` ("sum" or "amax").
+
+        A mean is ``merge(x * size) / merge(size)``: ``scatter_reduce(mean)`` does not export to ONNX.
+        """
+        set_a, set_b = x[:, ::2], x[:, 1::2]
+        channels = x.shape[-1]
+        protected_b = self.protected // 2
+        unmerged = set_a.gather(1, self.unmerged_a.expand(-1, -1, channels))
+        sources = set_a.gather(1, self.merged_a.expand(-1, -1, channels))
+        set_b = set_b.scatter_reduce(1, self.destination_b.expand(-1, -1, channels), sources, reduce=reduce)
+        return torch.cat([x[:, : self.protected], unmerged, set_b[:, protected_b:]], dim=1)
+
+    def new_positions(self, num_tokens: int) -> torch.Tensor:
+        """For every input position, the index [B, num_tokens] of the output token that now holds it."""
+        batch = self.unmerged_a.shape[0]
+        device = self.unmerged_a.device
+        protected_a, protected_b = (self.protected + 1) // 2, self.protected // 2
+        n_unmerged = self.unmerged_a.shape[1]
+        n_b = num_tokens // 2
+        # Position of every set-B token in the output (protected ones keep their prefix slot).
+        b_index = torch.arange(n_b, device=device)
+        b_out = torch.where(b_index < protected_b, 2 * b_index + 1, self.protected + n_unmerged + b_index - protected_b)
+        b_out = b_out.expand(batch, -1)
+        a_out = torch.zeros(batch, (num_tokens + 1) // 2, dtype=torch.long, device=device)
+        a_out[:, :protected_a] = 2 * torch.arange(protected_a, device=device)
+        unmerged_slots = self.protected + torch.arange(n_unmerged, device=device).expand(batch, -1)
+        a_out.scatter_(1, self.unmerged_a[..., 0], unmerged_slots)
+        a_out.scatter_(1, self.merged_a[..., 0], b_out.gather(1, self.destination_b[..., 0]))
+        positions = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+        positions[:, ::2] = a_out
+        positions[:, 1::2] = b_out
+        return positions
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) -> Matching:
+    """Match the ``r`` most similar (A, B) pairs of ``metric`` [B, N, D] (set A = even, set B = odd positions).
+
+    ``r`` must already be clamped to ``(N - protected) // 2``. Runs without gradients: only the merge that
+    applies the matching is differentiable.
+    """
+    num_tokens = metric.shape[1]
+    if r < 0 or r > (num_tokens - protected) // 2:
+        raise ValueError(f"r={r} is out of range: expected 0 <= r <= (N - protected) // 2 = "
+                         f"{(num_tokens - protected) // 2} for N={num_tokens}, protected={protected}")
+    protected_a, protected_b = (protected + 1) // 2, protected // 2
+    with torch.no_grad():
+        metric = torch.nn.functional.normalize(metric, dim=-1)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+        # Protected A tokens must never be merged away, protected B tokens must never absorb anything.
+        scores[:, :protected_a, :] = -torch.inf
+        scores[:, :, :protected_b] = -torch.inf
+        best_score, best_partner = scores.max(dim=-1)
+        # A stable sort keeps results independent of the rest of the batch even when scores tie.
+        order = best_score.argsort(dim=-1, descending=True, stable=True)[..., None]
+        merged_a = order[:, :r]
+        # Protected A rows score -inf, so they sort last and are dropped after sorting by position.
+        unmerged_a = order[:, r:].sort(dim=1).values[:, protected_a:]
+        destination_b = best_partner[..., None].gather(1, merged_a)
+    return Matching(protected, unmerged_a, merged_a, destination_b)

@@ -1,0 +1,35 @@
+"""Applying a matching: size-weighted averages, source tracking and unmerging. No transformers code here."""
+
+from __future__ import annotations
+
+import torch
+
+from .matching import Matching
+
+
+def merge_weighted(matching: Matching, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x`` [B, N, C] as a size-weighted average; return it with the merged sizes [B, N - r, 1].
+
+    Each group's value is ``sum(x * size) / sum(size)`` and its new size is ``sum(size)``.
+    """
+    merged_sum = matching.merge(x * size, reduce="sum")
+    merged_size = matching.merge(size, reduce="sum")
+    return merged_sum / merged_size, merged_size
+
+
+def merge_source(matching: Matching, source: torch.Tensor) -> torch.Tensor:
+    """Merge a 0/1 source matrix [B, N, N_orig] (which original patches each token holds) with max."""
+    return matching.merge(source, reduce="amax")
+
+
+def unmerge(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Spread merged tokens back over the original grid: every original position takes its token's value.
+
+    ``positions`` [B, N_orig] holds, for each original position, the index of the token that now holds it.
+    """
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def initial_positions(batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """Identity map: before any merge, original position i is held by token i."""
+    return torch.arange(num_tokens, device=device).expand(batch, -1)

@@ -1,0 +1,81 @@
+"""``apply`` and ``remove``: turning token merging on and off on a loaded transformers model, in place.
+
+Patching swaps the classes of the model's own modules for hf_tome subclasses (like PEFT injects layers):
+parameters, their names, devices and hooks are untouched, so training, saving and ``pipeline`` keep working,
+and ``remove`` swaps the original classes back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .adapters.common import ReductionPlan
+from .adapters.registry import find_adapter
+from .config import ToMeConfig
+from .schedule import merge_schedule
+
+
+def _num_layers(model: nn.Module) -> int:
+    return model.config.num_hidden_layers
+
+
+def build_plan(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
+    """Per-layer reduction of ``model`` under ``config``."""
+    adapter = find_adapter(model)
+    num_layers = _num_layers(model)
+    layer_r = merge_schedule(config.r, num_layers, config.inflect)
+    return ReductionPlan(layer_r=layer_r, protected=adapter.protected_tokens(model.config),
+                         prop_attn=config.prop_attn, trace_source=config.trace_source)
+
+
+def apply(model: nn.Module, config: ToMeConfig | None = None, **overrides: Any) -> nn.Module:
+    """Patch ``model`` in place with token merging and return it.
+
+    Args:
+        model: a loaded transformers model of a supported class (see the README); already patched models
+            are re-configured.
+        config: the settings; default ``ToMeConfig()`` (r=0: patched but identical outputs).
+        **overrides: ``ToMeConfig`` fields that replace those of ``config`` (e.g. ``r=16``).
+
+    The config is stored as a plain dict under ``model.config.tome`` so ``save_pretrained`` keeps it.
+    """
+    adapter = find_adapter(model)
+    config = config or ToMeConfig()
+    if overrides:
+        config = config.replace(**overrides)
+    plan = build_plan(model, config)  # validates against the model before anything is changed
+    for module in model.modules():
+        replacement = adapter.class_map.get(type(module))
+        if replacement is not None:
+            module.__class__ = replacement
+    adapter.loop_module(model)._tome_plan = plan
+    model.config.tome = config.to_dict()
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: restore the original classes (and forward) and drop ``config.tome``."""
+    adapter = find_adapter(model)
+    loop_module = adapter.loop_module(model)
+    for module in model.modules():
+        original = adapter.reverse_map.get(type(module))
+        if original is not None:
+            module.__class__ = original
+    if "_tome_plan" in vars(loop_module):
+        del loop_module._tome_plan
+    if hasattr(model.config, "tome"):
+        del model.config.tome
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when ``model`` currently runs hf_tome's forward."""
+    return type(model) in find_adapter(model).reverse_map
+
+
+def tome_config_of(model: nn.Module) -> ToMeConfig | None:
+    """The ``ToMeConfig`` a patched model runs with (None for an unpatched one)."""
+    data = getattr(model.config, "tome", None)
+    return ToMeConfig.from_dict(data) if data is not None and is_patched(model) else None

@@ -1,0 +1,41 @@
+"""Per-layer reduction schedules: how many tokens each layer removes, and how many enter each layer.
+
+Pure Python: the same numbers drive the forward pass, the FLOPs accounting and the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def merge_schedule(r: int | Sequence[int], num_layers: int, inflect: float = 0.0) -> list[int]:
+    """Tokens to merge away in each of ``num_layers`` layers (before clamping).
+
+    An int ``r`` with ``inflect`` in [-1, 1] gives ``lo = int(r * (1 - inflect)); hi = 2r - lo`` and layer ``i``
+    ``int(lo + (hi - lo) * i / (L - 1))``: constant at 0, decreasing from 2r to 0 at -1. A list is used as given,
+    padded with zeros (a longer list is an error: it names layers the model does not have).
+    """
+    if isinstance(r, int):
+        lo = int(r * (1 - inflect))
+        hi = 2 * r - lo
+        if num_layers == 1:
+            return [lo]
+        return [int(lo + (hi - lo) * i / (num_layers - 1)) for i in range(num_layers)]
+    per_layer = list(r)
+    if len(per_layer) > num_layers:
+        raise ValueError(f"r has {len(per_layer)} entries but the model has {num_layers} layers: expected at most "
+                         f"{num_layers}")
+    return per_layer + [0] * (num_layers - len(per_layer))
+
+
+def clamp_r(r: int, num_tokens: int, protected: int) -> int:
+    """At most half of the unprotected tokens can be merged in one bipartite step."""
+    return max(0, min(r, (num_tokens - protected) // 2))
+
+
+def tokens_per_layer(num_tokens: int, schedule: Sequence[int], protected: int) -> list[int]:
+    """Token count entering each layer, plus the count leaving the last one (length ``len(schedule) + 1``)."""
+    counts = [num_tokens]
+    for r in schedule:
+        counts.append(counts[-1] - clamp_r(r, counts[-1], protected))
+    return counts
