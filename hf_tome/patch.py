@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .adapters.common import ReductionPlan
 from .adapters.registry import find_adapter
@@ -50,6 +52,9 @@ def apply(model: nn.Module, config: ToMeConfig | None = None, **overrides: Any) 
         replacement = adapter.class_map.get(type(module))
         if replacement is not None:
             module.__class__ = replacement
+            if isinstance(module, PreTrainedModel):
+                # transformers looks up which outputs a model can record by class name.
+                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
     adapter.loop_module(model)._tome_plan = plan
     model.config.tome = config.to_dict()
     return model

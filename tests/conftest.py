@@ -1,0 +1,44 @@
+"""Tiny random models of every supported class, built from configs (no Hub access)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=32,
+            patch_size=4, num_labels=5)
+
+# (model class, config class, extra config, protected tokens)
+IMAGE_MODELS = {
+    "vit": (T.ViTModel, T.ViTConfig, {}, 1),
+    "vit-cls": (T.ViTForImageClassification, T.ViTConfig, {}, 1),
+    "deit": (T.DeiTModel, T.DeiTConfig, {}, 2),
+    "deit-cls": (T.DeiTForImageClassification, T.DeiTConfig, {}, 2),
+    "deit-teacher": (T.DeiTForImageClassificationWithTeacher, T.DeiTConfig, {}, 2),
+    "dinov2": (T.Dinov2Model, T.Dinov2Config, {"mlp_ratio": 2}, 1),
+    "dinov2-cls": (T.Dinov2ForImageClassification, T.Dinov2Config, {"mlp_ratio": 2}, 1),
+    "dinov2-reg": (T.Dinov2WithRegistersModel, T.Dinov2WithRegistersConfig, {"mlp_ratio": 2, "num_register_tokens": 3}, 4),
+    "dinov2-reg-cls": (T.Dinov2WithRegistersForImageClassification, T.Dinov2WithRegistersConfig,
+                       {"mlp_ratio": 2, "num_register_tokens": 3}, 4),
+}
+
+
+def make_model(name: str, attn_implementation: str = "sdpa", **config_overrides) -> torch.nn.Module:
+    """A tiny random model of ``name`` in eval mode (deterministic weights)."""
+    model_class, config_class, extra, _ = IMAGE_MODELS[name]
+    config = config_class(**{**TINY, **extra, **config_overrides})
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+def main_output(output) -> torch.Tensor:
+    """The tensor a user reads: logits for heads, last hidden state for base models."""
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+@pytest.fixture
+def pixels() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(4, 3, 32, 32)
