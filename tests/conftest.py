@@ -18,7 +18,8 @@ IMAGE_MODELS = {
     "deit-teacher": (T.DeiTForImageClassificationWithTeacher, T.DeiTConfig, {}, 2),
     "dinov2": (T.Dinov2Model, T.Dinov2Config, {"mlp_ratio": 2}, 1),
     "dinov2-cls": (T.Dinov2ForImageClassification, T.Dinov2Config, {"mlp_ratio": 2}, 1),
-    "dinov2-reg": (T.Dinov2WithRegistersModel, T.Dinov2WithRegistersConfig, {"mlp_ratio": 2, "num_register_tokens": 3}, 4),
+    "dinov2-reg": (T.Dinov2WithRegistersModel, T.Dinov2WithRegistersConfig,
+                   {"mlp_ratio": 2, "num_register_tokens": 3}, 4),
     "dinov2-reg-cls": (T.Dinov2WithRegistersForImageClassification, T.Dinov2WithRegistersConfig,
                        {"mlp_ratio": 2, "num_register_tokens": 3}, 4),
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from conftest import IMAGE_MODELS, make_model, main_output
+from conftest import IMAGE_MODELS, main_output, make_model
 
 import hf_tome
 from hf_tome.schedule import merge_schedule, tokens_per_layer
@@ -21,7 +21,9 @@ def _layers(model):
 
 def _record_tokens_in(model, pixels) -> list[int]:
     seen: list[int] = []
-    hooks = [layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1])) for layer in _layers(model)]
+    hooks = [
+        layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1])) for layer in _layers(model)
+    ]
     with torch.no_grad():
         model(pixels)
     for hook in hooks:
