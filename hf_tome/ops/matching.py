@@ -76,7 +76,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) ->
                          f"{(num_tokens - protected) // 2} for N={num_tokens}, protected={protected}")
     protected_a, protected_b = (protected + 1) // 2, protected // 2
     with torch.no_grad():
-        metric = torch.nn.functional.normalize(metric, dim=-1)
+        # Similarities in float32: in bfloat16 near-ties flip and the chosen pairs become noisy.
+        metric = torch.nn.functional.normalize(metric.float(), dim=-1)
         scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
         # Protected A tokens must never be merged away, protected B tokens must never absorb anything.
         scores[:, :protected_a, :] = -torch.inf
