@@ -1,0 +1,104 @@
+"""The LitServe API: image classification with hf_tome under named, fixed token budgets.
+
+Requests arrive already validated and in canonical form (see :mod:`server.guard`). A batch may mix budgets;
+``predict`` splits it into one forward pass per budget, so requests with different budgets never share a
+forward pass and every pass has the same token count per layer for all its images.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from dataclasses import dataclass
+
+import litserve as ls
+import torch
+from PIL import Image
+from starlette.responses import JSONResponse
+
+import hf_tome
+
+from .budgets import Budget, parse_budgets
+
+
+@dataclass
+class _Decoded:
+    image: Image.Image | None
+    budget: str
+    top_k: int
+    error: str | None = None
+
+
+class ImageClassificationAPI(ls.LitAPI):
+    """Serves ``hf_tome.AutoModelForImageClassification`` at ``api_path`` (default ``/predict``)."""
+
+    def __init__(self, model: str, budget_specs: list[str], dtype: str = "float32", max_batch_size: int = 16,
+                 batch_timeout: float = 0.01, api_path: str = "/predict", threads: int | None = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path)
+        self.model_name, self.budget_specs, self.dtype_name, self.threads = model, list(budget_specs), dtype, threads
+
+    def setup(self, device: str) -> None:
+        from transformers import AutoImageProcessor
+
+        from hf_tome.evaluation import resolve_dtype
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(self.dtype_name, self.device)
+        self.model = hf_tome.AutoModelForImageClassification.from_pretrained(self.model_name).eval()
+        if hf_tome.is_patched(self.model):
+            hf_tome.remove(self.model)
+        self.processor = AutoImageProcessor.from_pretrained(self.model_name)
+        probe = self.processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
+        self.budgets: dict[str, Budget] = parse_budgets(self.model, self.budget_specs, tuple(probe.shape[-2:]))
+        self.model.to(device=self.device, dtype=self.dtype)
+        self.labels = self.model.config.id2label
+
+    def decode_request(self, request: dict) -> _Decoded:
+        # The guard has validated the request; still never raise here (one raise fails the whole batch).
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(request["image"]))).convert("RGB")
+            return _Decoded(image, request["budget"], int(request["top_k"]))
+        except Exception as error:  # noqa: BLE001
+            return _Decoded(None, str(request.get("budget")), 1, error=f"could not decode the image: {error}")
+
+    def batch(self, inputs: list[_Decoded]) -> list[_Decoded]:
+        return inputs
+
+    def unbatch(self, outputs: list) -> list:
+        return outputs
+
+    def predict(self, batch: list[_Decoded]) -> list[dict | _Decoded]:
+        outputs: list[dict | _Decoded] = list(batch)
+        groups: dict[str, list[int]] = {}
+        for index, item in enumerate(batch):
+            if item.error is None:
+                groups.setdefault(item.budget, []).append(index)
+        for budget_name, indices in groups.items():
+            budget = self.budgets[budget_name]
+            hf_tome.apply(self.model, budget.config)
+            pixel_values = self.processor(images=[batch[i].image for i in indices], return_tensors="pt")
+            start = time.perf_counter()
+            with torch.inference_mode():
+                logits = self.model(pixel_values=pixel_values["pixel_values"].to(self.device, self.dtype)).logits
+            forward_ms = 1000 * (time.perf_counter() - start)
+            probabilities = logits.float().softmax(-1).cpu()
+            for row, index in enumerate(indices):
+                top_k = min(batch[index].top_k, probabilities.shape[-1])
+                scores, classes = probabilities[row].topk(top_k)
+                outputs[index] = {
+                    "labels": [{"label": self.labels.get(int(c), str(int(c))), "score": float(s)}
+                               for s, c in zip(scores, classes, strict=True)],
+                    "budget": budget.summary(),
+                    "batch_size": len(indices),
+                    "forward_ms": round(forward_ms, 2),
+                }
+        return outputs
+
+    # No annotations here: LitServe turns them into the FastAPI route's types, and a Union with a Response fails.
+    def encode_response(self, output):  # noqa: ANN001, ANN201
+        if isinstance(output, _Decoded):  # a per-request error: answered 400 without failing its batch
+            return JSONResponse({"error": "bad_image", "detail": output.error}, status_code=400)
+        return output
