@@ -10,7 +10,13 @@ from .adapters.common import TokenMergeOutput
 from .adapters.registry import supported_class_names
 from .config import ToMeConfig
 from .flops import ComputeReport, block_macs, compute_report
-from .modeling import AutoModel, AutoModelForImageClassification
+from .modeling import (
+    AutoModel,
+    AutoModelForAudioClassification,
+    AutoModelForImageClassification,
+    AutoModelForSpeechSeq2Seq,
+    AutoModelForVideoClassification,
+)
 from .ops import unmerge
 from .patch import apply, is_patched, remove
 
@@ -18,7 +24,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoModel",
+    "AutoModelForAudioClassification",
     "AutoModelForImageClassification",
+    "AutoModelForSpeechSeq2Seq",
+    "AutoModelForVideoClassification",
     "ComputeReport",
     "ToMeConfig",
     "TokenMergeOutput",

@@ -236,17 +236,21 @@ def run_bench_job(options: BenchOptions) -> dict:
     image_processor = AutoImageProcessor.from_pretrained(model_name)
     dataset = load_eval_dataset(options.dataset, options.split, options.limit)
     dtype = resolve_dtype(options.dtype)
+    # MACs at the resolution the processor actually feeds (DINOv2 configs say 518 px, the processor gives 224).
+    probe = image_processor(images=dataset[0]["image"].convert("RGB"), return_tensors="pt")["pixel_values"]
+    image_size = tuple(probe.shape[-2:])
     if options.r_values:
         settings: dict[str, int | None] = {"unpatched": None} | {f"r={r}": r for r in sorted(set(options.r_values))}
     else:
         reductions = options.macs_reductions or list(DEFAULT_MACS_REDUCTIONS)
-        chosen = constant_r_for_reductions(model, reductions)
+        chosen = constant_r_for_reductions(model, reductions, image_size)
         settings = {"unpatched": None} | {f"r={r}": r for r in sorted(set(chosen.values()))}
     print(f"model {model_name}; {len(dataset)} images of {options.dataset}/{options.split}; "
           f"dtype {str(dtype).removeprefix('torch.')}; settings {list(settings)}")
-    rows = run_sweep(model, dataset, image_processor, settings, options.batch_size, dtype)
+    rows = run_sweep(model, dataset, image_processor, settings, options.batch_size, dtype, image_size)
     title = (f"{'embedded default (DINOv2-S + Fashion-MNIST head)' if is_default else model_name}, "
-             f"{len(dataset)} images, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
+             f"{len(dataset)} images at {image_size[0]}x{image_size[1]} px, {str(dtype).removeprefix('torch.')}, "
+             f"{torch.get_num_threads()} threads")
     print(f"\n{title}\n{format_table(rows)}\n")
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -64,3 +64,21 @@ class AutoModelForImageClassification(_ToMeAutoClass):
     """``transformers.AutoModelForImageClassification`` with token merging."""
 
     _auto_class = transformers.AutoModelForImageClassification
+
+
+class AutoModelForAudioClassification(_ToMeAutoClass):
+    """``transformers.AutoModelForAudioClassification`` with token merging (AST)."""
+
+    _auto_class = transformers.AutoModelForAudioClassification
+
+
+class AutoModelForVideoClassification(_ToMeAutoClass):
+    """``transformers.AutoModelForVideoClassification`` with token merging (VideoMAE, ViViT)."""
+
+    _auto_class = transformers.AutoModelForVideoClassification
+
+
+class AutoModelForSpeechSeq2Seq(_ToMeAutoClass):
+    """``transformers.AutoModelForSpeechSeq2Seq`` with token merging in the encoder (Whisper)."""
+
+    _auto_class = transformers.AutoModelForSpeechSeq2Seq

