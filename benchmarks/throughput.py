@@ -5,6 +5,7 @@ round-robin rounds so that slow drift of the machine hits all settings alike; th
 
     python benchmarks/throughput.py                       # ViT-B/16, 224 px, batch 32, fp32
     python benchmarks/throughput.py --batch 8 --rounds 2  # quicker
+    python benchmarks/throughput.py --families AST VideoMAE-B --family-batch 4   # other families' rows
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def measure(model: torch.nn.Module, inputs: torch.Tensor, settings: dict[str, di
                for name, kwargs in settings.items()}
     timings: dict[str, list[float]] = {name: [] for name in settings}
     macs: dict[str, float] = {}
+    # Images and videos end in (height, width); audio adapters take their sizes from the config.
+    image_size = tuple(inputs.shape[-2:]) if inputs.ndim in (4, 5) else None
     for name, config in configs.items():
         _configure(model, config)
-        macs[name] = hf_tome.compute_report(model, tuple(inputs.shape[-2:])).gmacs
+        macs[name] = hf_tome.compute_report(model, image_size).gmacs
         for _ in range(warmup):
             _time_batch(model, inputs)
     for _ in tqdm(range(rounds), desc="rounds"):
@@ -92,25 +95,55 @@ def print_table(title: str, results: dict[str, dict]) -> None:
               f"{row['macs_reduction']:.2f}x |")
 
 
+def other_families() -> dict[str, tuple]:
+    """Rows of the other model families: ``benchmarks/families_*.py`` each expose ``families()``."""
+    import importlib.util
+
+    rows: dict[str, tuple] = {}
+    for path in sorted(Path(__file__).parent.glob("families_*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        rows.update(module.families())
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--families", nargs="*", default=None,
+                        help="also time these families (names from benchmarks/families_*.py; 'all' for every one)")
+    parser.add_argument("--family-batch", type=int, default=4, help="batch size for the other families")
+    parser.add_argument("--skip-vit", action="store_true", help="only the --families rows")
     parser.add_argument("--out", type=Path, default=Path("results/throughput.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    inputs = torch.randn(args.batch, 3, args.image_size, args.image_size)
-    results = measure(vit_base(args.image_size), inputs, VIT_SETTINGS, args.rounds)
-    title = f"ViT-B/16 {args.image_size} px, batch {args.batch}, fp32, {args.threads} CPU threads"
-    print_table(title, results)
-    report = {
+    report: dict = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
                     "torch": torch.__version__, "transformers": T.__version__},
-        "vit_base": {"title": title, "results": results},
     }
+    if not args.skip_vit:
+        inputs = torch.randn(args.batch, 3, args.image_size, args.image_size)
+        results = measure(vit_base(args.image_size), inputs, VIT_SETTINGS, args.rounds)
+        title = f"ViT-B/16 {args.image_size} px, batch {args.batch}, fp32, {args.threads} CPU threads"
+        print_table(title, results)
+        report["vit_base"] = {"title": title, "results": results}
+    if args.families:
+        available = other_families()
+        names = list(available) if args.families == ["all"] else args.families
+        unknown = [name for name in names if name not in available]
+        if unknown:
+            raise SystemExit(f"unknown famil(ies) {unknown}: expected some of {', '.join(available)}")
+        for name in names:
+            build, make_inputs, settings = available[name]
+            results = measure(build(), make_inputs(args.family_batch), settings, args.rounds)
+            title = f"{name}, batch {args.family_batch}, fp32, {args.threads} CPU threads, random weights"
+            print_table(title, results)
+            report[name] = {"title": title, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
