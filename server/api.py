@@ -70,7 +70,9 @@ class ImageClassificationAPI(ls.LitAPI):
     def unbatch(self, outputs: list) -> list:
         return outputs
 
-    def predict(self, batch: list[_Decoded]) -> list[dict | _Decoded]:
+    def predict(self, batch: list[_Decoded] | _Decoded) -> list[dict | _Decoded] | dict | _Decoded:
+        if isinstance(batch, _Decoded):  # max_batch_size=1: LitServe's unbatched loop passes single requests
+            return self.predict([batch])[0]
         outputs: list[dict | _Decoded] = list(batch)
         groups: dict[str, list[int]] = {}
         for index, item in enumerate(batch):

@@ -40,15 +40,12 @@ def _png(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("served-model")
-    make_model("vit-cls").save_pretrained(folder)
-    T.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+def _serve(folder: Path, max_batch_size: int):
+    """Start the server on a free port; yields its URL and ends the whole process group afterwards."""
     port = _free_port()
     command = [sys.executable, "-m", "server", "--model", str(folder), "--budget", "full=r:0", "--budget",
-               "fast=r:6", "--port", str(port), "--threads", "1", "--max-batch-size", "8", "--batch-timeout", "0.2",
-               "--max-body-bytes", str(MAX_BODY), "--max-pixels", str(MAX_PIXELS)]
+               "fast=r:6", "--port", str(port), "--threads", "1", "--max-batch-size", str(max_batch_size),
+               "--batch-timeout", "0.2", "--max-body-bytes", str(MAX_BODY), "--max-pixels", str(MAX_PIXELS)]
     log = open(folder / "server.log", "w")  # noqa: SIM115
     process = subprocess.Popen(command, cwd=Path(__file__).parents[1], stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)  # own process group: the workers end with it
@@ -66,7 +63,7 @@ def served(tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"server did not become healthy: {(folder / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url, folder
+        yield url
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
@@ -78,6 +75,26 @@ def served(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 continue
         log.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served-model")
+    make_model("vit-cls").save_pretrained(folder)
+    T.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    for url in _serve(folder, max_batch_size=8):
+        yield url, folder
+
+
+def test_unbatched_server_answers_and_refuses_bad_input(served) -> None:
+    _, folder = served
+    for url in _serve(folder, max_batch_size=1):
+        image = _png(6)
+        response = _predict_json(url, image, budget="fast", top_k=2)
+        assert response.status_code == 200, response.text
+        assert response.json()["batch_size"] == 1
+        assert [entry["label"] for entry in response.json()["labels"]] == _library_top(folder, image, 6, 2)[0]
+        assert _predict_json(url, b"not an image").status_code == 400
 
 
 def _predict_json(url: str, image: bytes, **fields) -> requests.Response:
