@@ -63,12 +63,29 @@ class ClassificationResult:
                 "seconds": self.seconds}
 
 
+def preprocess_all(dataset, image_processor, batch_size: int, dtype: torch.dtype,
+                   description: str = "preprocessing") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch of :func:`pixel_batches`, preprocessed once and kept in memory in ``dtype``.
+
+    A sweep evaluates the same images several times; preprocessing them once saves a pass of the image
+    processor per setting (10,000 Fashion-MNIST images at 224 px take about 3 GB in bfloat16).
+    """
+    batches = []
+    with tqdm(total=len(dataset), desc=description, unit="img") as progress:
+        for pixel_values, labels in pixel_batches(dataset, image_processor, batch_size):
+            batches.append((pixel_values.to(dtype), labels))
+            progress.update(len(labels))
+    return batches
+
+
 def evaluate_classifier(model: nn.Module, dataset, image_processor, batch_size: int = 64,
-                        dtype: torch.dtype = torch.float32, description: str = "evaluating") -> ClassificationResult:
+                        dtype: torch.dtype = torch.float32, description: str = "evaluating",
+                        batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> ClassificationResult:
     """Top-1 accuracy of ``model`` on ``dataset`` (``image`` and ``label`` columns) and its images/s.
 
     The model runs in ``dtype`` for the call and is put back to its previous dtype afterwards. Only the
-    forward passes are timed; the first batch doubles as warm-up and is not timed.
+    forward passes are timed; the first batch doubles as warm-up and is not timed. ``batches`` (from
+    :func:`preprocess_all`) replaces preprocessing ``dataset`` again.
     """
     metric = load_metric("accuracy")
     device = next(model.parameters()).device
@@ -77,7 +94,8 @@ def evaluate_classifier(model: nn.Module, dataset, image_processor, batch_size: 
     forward_seconds, timed_images = 0.0, 0
     try:
         with torch.inference_mode(), tqdm(total=len(dataset), desc=description, unit="img") as progress:
-            for index, (pixel_values, labels) in enumerate(pixel_batches(dataset, image_processor, batch_size)):
+            source = batches if batches is not None else pixel_batches(dataset, image_processor, batch_size)
+            for index, (pixel_values, labels) in enumerate(source):
                 pixel_values = pixel_values.to(device=device, dtype=dtype)
                 start = time.perf_counter()
                 logits = model(pixel_values=pixel_values).logits
