@@ -1,0 +1,122 @@
+"""Audio Spectrogram Transformer (AST) adapter: ``ASTModel`` and ``ASTForAudioClassification``.
+
+AST is a DeiT-style encoder over spectrogram patches: a class token (0) and a distillation token (1) lead the
+sequence, both protected, so the pooled output ``(x[:, 0] + x[:, 1]) / 2`` reads two unmerged tokens.
+Block: ``x = x + attn(layernorm_before(x)); x = merge(x); x = x + mlp(layernorm_after(x))``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.audio_spectrogram_transformer import modeling_audio_spectrogram_transformer as ast_hf
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from ..mixin import ToMeModelMixin
+from .common import (
+    KeyMetricAttentionMixin,
+    ReductionPlan,
+    TokenMergeOutput,
+    proportional_attention_mask,
+    reduce_tokens,
+    run_layers,
+)
+from .registry import Adapter, EncoderShape, register_adapter
+
+# Class token and distillation token.
+_PROTECTED = 2
+
+
+class ToMeASTAttention(KeyMetricAttentionMixin, ast_hf.ASTAttention):
+    """AST attention that also returns its head-averaged keys (the merge metric)."""
+
+    _eager_attention = staticmethod(ast_hf.eager_attention_forward)
+
+
+class ToMeASTLayer(ast_hf.ASTLayer):
+    """AST layer with a token reduction between the attention and the MLP."""
+
+    def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
+                tome_r: int = 0, protected: int = _PROTECTED, prop_attn: bool = True, trace_source: bool = False,
+                **kwargs):
+        residual = hidden_states
+        mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
+        attn_output, _, metric = self.attention(self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0,
+                                                **kwargs)
+        hidden_states = self.dropout(attn_output) + residual
+        hidden_states, size, positions, source = reduce_tokens(
+            hidden_states, metric, size, positions, source, tome_r, protected, trace_source
+        )
+        residual = hidden_states
+        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+        return hidden_states, size, positions, source
+
+
+class ToMeASTModel(ToMeModelMixin, ast_hf.ASTModel):
+    """``ASTModel`` running hf_tome's encoder loop; returns a :class:`TokenMergeOutput`."""
+
+    _tome_plan: ReductionPlan
+
+    # Same decorators as the stock forward, so hidden states and attentions are recorded per layer as usual.
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, input_values: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> TokenMergeOutput:
+        embedding_output = self.embeddings(input_values)
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+        )
+        hidden, size, positions, source = run_layers(self.layers, embedding_output, self._tome_plan, attention_mask,
+                                                     **kwargs)
+        sequence_output = self.layernorm(hidden)
+        # Both summary tokens are protected: they are still at positions 0 and 1, each of size 1.
+        pooled_output = (sequence_output[:, 0] + sequence_output[:, 1]) / 2
+        return TokenMergeOutput(last_hidden_state=sequence_output, pooler_output=pooled_output, token_sizes=size,
+                                token_positions=positions, token_source=source)
+
+
+class ToMeASTForAudioClassification(ToMeModelMixin, ast_hf.ASTForAudioClassification):
+    """``ASTForAudioClassification``; its head reads the pooled output, which merging leaves well defined."""
+
+
+def _num_patches(config) -> int:
+    # Same convolution arithmetic as ``ASTEmbeddings.get_shape`` (patches overlap when stride < patch).
+    frequency = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
+    time = (config.max_length - config.patch_size) // config.time_stride + 1
+    return frequency * time
+
+
+def _encoder_shape(model, image_size: tuple[int, int] | None) -> EncoderShape:
+    """Sizes for MACs accounting; ``image_size`` is ignored: the position embeddings fix the spectrogram size."""
+    config = model.config
+    head = getattr(getattr(model, "classifier", None), "dense", None)
+    return EncoderShape(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_patches=_num_patches(config),
+        protected=_PROTECTED,
+        # One input channel (the spectrogram).
+        patch_macs_per_patch=config.patch_size * config.patch_size * config.hidden_size,
+        head_macs=head.in_features * head.out_features if isinstance(head, torch.nn.Linear) else 0,
+    )
+
+
+def _loop_module(model):
+    return model if isinstance(model, ast_hf.ASTModel) else model.audio_spectrogram_transformer
+
+
+register_adapter(Adapter(
+    family="ast",
+    class_map={
+        ast_hf.ASTAttention: ToMeASTAttention,
+        ast_hf.ASTLayer: ToMeASTLayer,
+        ast_hf.ASTModel: ToMeASTModel,
+        ast_hf.ASTForAudioClassification: ToMeASTForAudioClassification,
+    },
+    supported=(ast_hf.ASTModel, ast_hf.ASTForAudioClassification),
+    protected_tokens=lambda config: _PROTECTED,
+    loop_module=_loop_module,
+    encoder_shape=_encoder_shape,
+))
