@@ -3,6 +3,7 @@
     hf-tome bench                     # the main job on the embedded default model (no Hub access)
     hf-tome bench --model google/vit-base-patch16-224 --dataset <saved datasets folder>
     hf-tome serve --budget full=r:0 --budget half=macs:0.5   # LitServe on 127.0.0.1:8000
+    hf-tome search --targets 0.7 0.55 # prune + merge rates under FLOPs targets -> budget table in the config
     hf-tome build-default             # only build (or locate) the embedded default model
 """
 
@@ -74,10 +75,26 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_search(subparsers) -> None:
+    from .search import add_search_arguments
+
+    parser = subparsers.add_parser("search", help="search per-layer prune + merge rates under FLOPs targets and "
+                                   "write the budget table into the model's config")
+    add_search_arguments(parser)
+    parser.set_defaults(run=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from .search import options_from_args, run_search
+
+    run_search(options_from_args(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-tome", description="Token merging for Hugging Face transformers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_bench, _add_serve, _add_build_default):
+    for add in (_add_bench, _add_serve, _add_search, _add_build_default):
         add(subparsers)
     return parser
 

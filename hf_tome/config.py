@@ -92,6 +92,10 @@ class ToMeConfig:
             for depth, (pruned, merged) in enumerate(zip(self.prune_kept, self.merge_kept, strict=True)):
                 if merged > pruned:
                     raise _invalid("merge_kept", self.merge_kept, f"<= prune_kept at every layer (layer {depth})")
+            if self.merge_kept[0] != self.prune_kept[0]:
+                raise _invalid("merge_kept", self.merge_kept,
+                               f"merge_kept[0] == prune_kept[0] = {self.prune_kept[0]} (block 0 is never compressed; "
+                               "its count is the number of tokens entering the model)")
             if self.uses_merging_schedule:
                 raise _invalid("r", self.r, "0 when prune_kept/merge_kept are given (one reducer per model)")
         if self.budget_table is not None:

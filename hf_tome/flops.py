@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .adapters.registry import EncoderShape, find_adapter
-from .schedule import tokens_per_layer
+from .schedule import kept_tokens_per_layer, tokens_per_layer
 
 
 @dataclass
@@ -62,8 +62,14 @@ def compute_report(model: nn.Module, image_size: tuple[int, int] | None = None) 
     to the config's.
     """
     adapter = find_adapter(model)
+    if adapter.compute_report is not None:  # e.g. windowed attention, which the formula above does not describe
+        return adapter.compute_report(model, image_size)
     shape = adapter.encoder_shape(model, image_size)
     plan = getattr(adapter.loop_module(model), "_tome_plan", None)
-    schedule = plan.layer_r if plan is not None else [0] * shape.num_layers
-    counts = tokens_per_layer(shape.num_patches + shape.protected, schedule, shape.protected)
+    num_tokens = shape.num_patches + shape.protected
+    if plan is not None and getattr(plan, "prune_kept", None) is not None:
+        counts = kept_tokens_per_layer(num_tokens, plan.prune_kept, plan.merge_kept)
+    else:
+        schedule = plan.layer_r if plan is not None else [0] * shape.num_layers
+        counts = tokens_per_layer(num_tokens, schedule, shape.protected)
     return encoder_report(shape, counts[1:])

@@ -23,6 +23,21 @@ class ToMeModelMixin:
 
         return apply(self, config, **overrides)
 
+    def set_tome_budget(self, budget: float | None) -> nn.Module:
+        """Run with the budget-table row that has the most FLOPs not above ``budget``.
+
+        ``budget`` is GFLOPs (GMACs per image, > 1) or a fraction (<= 1) of the uncompressed model; the table
+        comes from ``hf-tome search`` (``config.tome["budget_table"]``). A budget below every row raises
+        ``ValueError`` naming the range the table covers; None switches compression off (the table is kept).
+        """
+        from .config import ToMeConfig
+        from .patch import apply
+
+        config = self.tome_config or ToMeConfig()
+        if budget is None:
+            return apply(self, config.replace(budget=None, prune_kept=None, merge_kept=None))
+        return apply(self, config.replace(budget=budget, r=0))
+
     def tome_compute(self, image_size: tuple[int, int] | None = None):
         """Token counts entering each layer and MACs per image (see ``hf_tome.compute_report``)."""
         from .flops import compute_report

@@ -15,6 +15,7 @@ from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .adapters.common import ReductionPlan
 from .adapters.registry import find_adapter
+from .budget import resolve_budget
 from .config import ToMeConfig
 from .schedule import merge_schedule
 
@@ -24,12 +25,34 @@ def _num_layers(model: nn.Module) -> int:
 
 
 def build_plan(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
-    """Per-layer reduction of ``model`` under ``config``."""
+    """Per-layer reduction of ``model`` under ``config``; kept-count lists are checked against the model here."""
     adapter = find_adapter(model)
+    if config.prune_kept is not None and not adapter.supports_pruning:
+        raise ValueError(f"ToMeConfig.prune_kept={config.prune_kept} is invalid for {type(model).__name__}: the "
+                         f"{adapter.family} adapter does not support prune + merge yet; expected prune_kept=None "
+                         "(use r for token merging)")
+    if adapter.plan_builder is not None:  # families with stages (Swin) count layers their own way
+        return adapter.plan_builder(model, config)
     num_layers = _num_layers(model)
     layer_r = merge_schedule(config.r, num_layers, config.inflect)
-    return ReductionPlan(layer_r=layer_r, protected=adapter.protected_tokens(model.config),
-                         prop_attn=config.prop_attn, trace_source=config.trace_source)
+    protected = adapter.protected_tokens(model.config)
+    if config.prune_kept is not None:
+        _check_kept_against_model(config, num_layers, protected)
+    return ReductionPlan(layer_r=layer_r, protected=protected, prop_attn=config.prop_attn,
+                         trace_source=config.trace_source, prune_kept=config.prune_kept,
+                         merge_kept=config.merge_kept)
+
+
+def _check_kept_against_model(config: ToMeConfig, num_layers: int, protected: int) -> None:
+    """One count per layer, and every count leaves at least one unprotected token to merge into."""
+    for name in ("prune_kept", "merge_kept"):
+        kept = getattr(config, name)
+        if len(kept) != num_layers:
+            raise ValueError(f"ToMeConfig.{name}={kept} is invalid for this model: expected {num_layers} entries, "
+                             "one per layer")
+        if min(kept) <= protected:
+            raise ValueError(f"ToMeConfig.{name}={kept} is invalid for this model: expected every entry > "
+                             f"{protected} (its protected tokens plus at least one patch token)")
 
 
 def apply(model: nn.Module, config: ToMeConfig | None = None, **overrides: Any) -> nn.Module:
@@ -46,7 +69,10 @@ def apply(model: nn.Module, config: ToMeConfig | None = None, **overrides: Any) 
     adapter = find_adapter(model)
     config = config or ToMeConfig()
     if overrides:
+        if ({"prune_kept", "merge_kept"} & overrides.keys()) and "budget" not in overrides:
+            overrides = {**overrides, "budget": None}  # explicit kept counts replace a budget's row
         config = config.replace(**overrides)
+    config = resolve_budget(model, config)  # a budget selects its table row's kept counts
     plan = build_plan(model, config)  # validates against the model before anything is changed
     for module in model.modules():
         replacement = adapter.class_map.get(type(module))

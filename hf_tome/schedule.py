@@ -39,3 +39,20 @@ def tokens_per_layer(num_tokens: int, schedule: Sequence[int], protected: int) -
     for r in schedule:
         counts.append(counts[-1] - clamp_r(r, counts[-1], protected))
     return counts
+
+
+def effective_kept(num_tokens: int, prune_kept: int, merge_kept: int) -> tuple[int, int]:
+    """Kept counts a layer really applies to ``num_tokens`` tokens: it cannot keep more than enter it."""
+    prune = min(prune_kept, num_tokens)
+    return prune, min(merge_kept, prune)
+
+
+def kept_tokens_per_layer(num_tokens: int, prune_kept: Sequence[int], merge_kept: Sequence[int]) -> list[int]:
+    """Token count entering each layer under unified compression, plus the count leaving the last one.
+
+    Layer 0 is never compressed; layer ``i > 0`` leaves ``min(merge_kept[i], prune_kept[i], tokens in)``.
+    """
+    counts = [num_tokens]
+    for index, (prune, merge) in enumerate(zip(prune_kept, merge_kept, strict=True)):
+        counts.append(counts[-1] if index == 0 else effective_kept(counts[-1], prune, merge)[1])
+    return counts

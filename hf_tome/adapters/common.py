@@ -3,6 +3,11 @@
 Token sizes, positions and sources travel explicitly through one encoder loop (:func:`run_layers`) as
 positional arguments of every layer call, never in module state: gradient checkpointing recomputes a layer
 from its arguments, so shared mutable state would be read twice.
+
+A layer reduces its tokens with :func:`reduce_layer_tokens`: ToMe merging of ``tome_r`` tokens, or, when the
+encoder loop hands it ``tome_kept`` (a plan with per-layer kept counts), pruning by class attention followed by
+merging into the kept tokens. An adapter opts in to the second with ``Adapter(supports_pruning=True)``: its
+layer accepts ``tome_kept``, asks its attention for ``need_class_attention`` and calls ``reduce_layer_tokens``.
 """
 
 from __future__ import annotations
@@ -15,18 +20,63 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..ops import bipartite_soft_matching, initial_positions, merge_source, merge_weighted
-from ..schedule import clamp_r
+from ..ops import (
+    bipartite_soft_matching,
+    class_attention,
+    initial_positions,
+    merge_source,
+    merge_weighted,
+    prune_and_merge,
+    soft_prune_merge,
+)
+from ..schedule import clamp_r, effective_kept
+
+
+@dataclass(frozen=True)
+class SoftKept:
+    """Relaxed kept counts of one layer (differentiable rate search), indexed by class-attention rank.
+
+    keep: [N] probability that the token of rank j stays itself, P(merge_kept > j).
+    prune: [N] probability that it survives pruning, P(prune_kept > j); ``prune - keep`` of it is merged.
+    slots: merged tokens go to their most similar token among the top ``slots`` ranks.
+    """
+
+    keep: torch.Tensor
+    prune: torch.Tensor
+    slots: int
+
+
+LayerKept = tuple[int, int] | SoftKept
+"""What :func:`run_layers` hands a layer as ``tome_kept``: ``(prune_kept, merge_kept)`` or a :class:`SoftKept`."""
 
 
 @dataclass
 class ReductionPlan:
-    """What the encoder loop does in each layer; derived from a ``ToMeConfig`` by ``hf_tome.apply``."""
+    """What the encoder loop does in each layer; derived from a ``ToMeConfig`` by ``hf_tome.apply``.
+
+    ``layer_r`` drives ToMe merging. ``prune_kept``/``merge_kept`` (unified compression, one count per layer)
+    or ``soft_kept`` (the differentiable search) switch a layer to prune-then-merge by class attention; the
+    first layer is never compressed. Adapters that support them accept a ``tome_kept`` keyword (see
+    :func:`run_layers`); adapters that do not are never handed one.
+    """
 
     layer_r: list[int]
     protected: int
     prop_attn: bool = True
     trace_source: bool = False
+    prune_kept: list[int] | None = None
+    merge_kept: list[int] | None = None
+    soft_kept: list[SoftKept | None] | None = None
+
+    def kept_for_layer(self, index: int) -> LayerKept | None:
+        """The ``tome_kept`` argument of layer ``index`` (None: plain ToMe with ``layer_r[index]``)."""
+        if index == 0:  # block 0 is never compressed
+            return None
+        if self.soft_kept is not None:
+            return self.soft_kept[index]
+        if self.prune_kept is not None:
+            return self.prune_kept[index], self.merge_kept[index]
+        return None
 
 
 @dataclass
@@ -54,8 +104,9 @@ class KeyMetricAttentionMixin:
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, need_keys: bool = False,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        need_class_attention: bool = False, **kwargs,
+    ) -> tuple[torch.Tensor, ...]:
+        """Returns ``(output, weights, keys)``, plus the class attention [B, N] when ``need_class_attention``."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -67,7 +118,11 @@ class KeyMetricAttentionMixin:
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
         )
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output, attn_weights, (key.mean(dim=1) if need_keys else None)
+        keys = key.mean(dim=1) if need_keys else None
+        if need_class_attention:
+            # Only the class-token query row: the full attention above stays in the fused kernel.
+            return attn_output, attn_weights, keys, class_attention(query[:, :, 0], key, self.scaling, attention_mask)
+        return attn_output, attn_weights, keys
 
 
 def proportional_attention_mask(
@@ -113,6 +168,80 @@ def reduce_tokens(
     return hidden, size, positions, source
 
 
+def needs_class_attention(tome_kept: LayerKept | None, num_tokens: int) -> bool:
+    """True when a layer handed ``tome_kept`` will reduce ``num_tokens`` tokens (so it needs class attention)."""
+    if tome_kept is None:
+        return False
+    if isinstance(tome_kept, SoftKept):
+        return True
+    return min(tome_kept) < num_tokens
+
+
+def prune_merge_tokens(
+    hidden: torch.Tensor,
+    metric: torch.Tensor,
+    class_scores: torch.Tensor,
+    size: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    source: torch.Tensor | None,
+    prune_kept: int,
+    merge_kept: int,
+    protected: int,
+    trace_source: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Prune to ``prune_kept`` tokens by class attention, then merge down to ``merge_kept`` (size-weighted).
+
+    Counts above the tokens present are clamped (a layer cannot keep more than enter it). Pruned patches are
+    held by no token in ``source``; ``positions`` sends them to their most similar kept token, so unmerging
+    still fills the whole grid.
+    """
+    batch, num_tokens, _ = hidden.shape
+    prune_kept, merge_kept = effective_kept(num_tokens, prune_kept, merge_kept)
+    if merge_kept == num_tokens:
+        return hidden, size, positions, source
+    step = prune_and_merge(class_scores, metric, prune_kept, merge_kept, protected)
+    if size is None:
+        size = hidden.new_ones(batch, num_tokens, 1)
+    if positions is None:
+        positions = initial_positions(batch, num_tokens, hidden.device)
+    if trace_source and source is None:
+        source = torch.eye(num_tokens, dtype=hidden.dtype, device=hidden.device).expand(batch, -1, -1)
+    merged_size = step.merge(size)
+    hidden = step.merge(hidden * size) / merged_size
+    positions = step.new_positions(num_tokens).gather(1, positions)
+    if source is not None:
+        source = step.merge(source, reduce="amax")
+    return hidden, merged_size, positions, source
+
+
+def reduce_layer_tokens(
+    hidden: torch.Tensor,
+    metric: torch.Tensor | None,
+    class_scores: torch.Tensor | None,
+    size: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    source: torch.Tensor | None,
+    r: int,
+    tome_kept: LayerKept | None,
+    protected: int,
+    trace_source: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The one reducer a layer calls after its attention: ToMe (``tome_kept`` None), prune+merge, or relaxed.
+
+    ``class_scores`` is the class attention the layer's attention returned for ``need_class_attention=True``.
+    """
+    if tome_kept is None or class_scores is None:
+        return reduce_tokens(hidden, metric, size, positions, source, r, protected, trace_source)
+    if isinstance(tome_kept, SoftKept):
+        if size is None:
+            size = hidden.new_ones(hidden.shape[0], hidden.shape[1], 1)
+        hidden, size = soft_prune_merge(hidden, size, class_scores, metric, tome_kept.keep, tome_kept.prune,
+                                        tome_kept.slots, protected)
+        return hidden, size, positions, source
+    return prune_merge_tokens(hidden, metric, class_scores, size, positions, source, *tome_kept, protected,
+                              trace_source)
+
+
 def run_layers(
     layers: Sequence[nn.Module],
     hidden: torch.Tensor,
@@ -124,11 +253,15 @@ def run_layers(
     if len(plan.layer_r) != len(layers):
         raise ValueError(f"the reduction plan has {len(plan.layer_r)} layers but the encoder has {len(layers)}")
     size = positions = source = None
-    for layer, r in zip(layers, plan.layer_r, strict=True):
+    for index, (layer, r) in enumerate(zip(layers, plan.layer_r, strict=True)):
+        # Only layers of a plan with kept counts get ``tome_kept``, so adapters without pruning never see it.
+        kept = plan.kept_for_layer(index)
+        extra = {"tome_kept": kept} if kept is not None else {}
         # Tensors go positionally so gradient checkpointing (reentrant too) tracks them.
         hidden, size, positions, source = layer(
             hidden, attention_mask, size, positions, source,
-            tome_r=r, protected=plan.protected, prop_attn=plan.prop_attn, trace_source=plan.trace_source, **kwargs,
+            tome_r=r, protected=plan.protected, prop_attn=plan.prop_attn, trace_source=plan.trace_source,
+            **extra, **kwargs,
         )
     if plan.trace_source and source is None:
         batch, num_tokens, _ = hidden.shape

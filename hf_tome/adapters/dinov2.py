@@ -1,7 +1,7 @@
 """Dinov2 family adapter: Dinov2 and Dinov2 with registers (class and register tokens protected).
 
-Block: ``x = x + ls1(attn(norm1(x))); x = merge(x); x = x + ls2(mlp(norm2(x)))``. The classification head
-averages patch tokens, which becomes a size-weighted average once tokens are merged.
+Block: ``x = x + ls1(attn(norm1(x))); x = reduce(x); x = x + ls2(mlp(norm2(x)))`` (ToMe, or prune + merge).
+The classification head averages patch tokens, which becomes a size-weighted average once tokens are merged.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from transformers.utils.output_capturing import capture_outputs
 from ..mixin import ToMeModelMixin
 from .common import (
     KeyMetricAttentionMixin,
+    LayerKept,
     ReductionPlan,
     TokenMergeOutput,
+    needs_class_attention,
     proportional_attention_mask,
-    reduce_tokens,
+    reduce_layer_tokens,
     run_layers,
     weighted_token_mean,
 )
@@ -29,14 +31,19 @@ from .registry import Adapter, EncoderShape, register_adapter
 
 class _Dinov2LayerMixin:
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
-                tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False, **kwargs):
+                tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False,
+                tome_kept: LayerKept | None = None, **kwargs):
         residual = hidden_states
         mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
-        attn_output, _, metric = self.attention(self.norm1(hidden_states), attention_mask=mask,
-                                                need_keys=tome_r > 0, **kwargs)
+        need_class = needs_class_attention(tome_kept, hidden_states.shape[1])
+        attn_output, _, metric, *class_scores = self.attention(
+            self.norm1(hidden_states), attention_mask=mask, need_keys=tome_r > 0 or need_class,
+            need_class_attention=need_class, **kwargs,
+        )
         hidden_states = self.drop_path(self.layer_scale1(attn_output)) + residual
-        hidden_states, size, positions, source = reduce_tokens(
-            hidden_states, metric, size, positions, source, tome_r, protected, trace_source
+        hidden_states, size, positions, source = reduce_layer_tokens(
+            hidden_states, metric, class_scores[0] if need_class else None, size, positions, source, tome_r,
+            tome_kept, protected, trace_source,
         )
         residual = hidden_states
         hidden_states = self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + residual
@@ -182,4 +189,5 @@ register_adapter(Adapter(
     protected_tokens=_protected,
     loop_module=_loop_module,
     encoder_shape=_encoder_shape,
+    supports_pruning=True,
 ))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -31,6 +32,12 @@ class Adapter:
     supported: the top-level model classes users may pass.
     loop_module: returns the submodule that runs the encoder loop and holds the reduction plan.
     encoder_shape: sizes for FLOPs accounting at a given (height, width), or the config's image size.
+    plan_builder: optional ``(model, ToMeConfig) -> ReductionPlan`` for families whose plan is not one r per
+        ``config.num_hidden_layers`` layer (e.g. Swin's stages); None uses ``hf_tome.patch.build_plan``'s default.
+    compute_report: optional ``(model, image_size) -> ComputeReport`` for families the generic ViT formula of
+        ``hf_tome.flops`` does not describe (e.g. windowed attention); None uses ``encoder_shape``.
+    supports_pruning: the family's layers accept ``tome_kept`` (unified prune + merge by class attention, see
+        ``hf_tome.adapters.common.reduce_layer_tokens``); ``prune_kept``/``merge_kept`` are refused otherwise.
     """
 
     family: str
@@ -39,6 +46,9 @@ class Adapter:
     protected_tokens: Callable[[PretrainedConfig], int]
     loop_module: Callable[[nn.Module], nn.Module]
     encoder_shape: Callable[[nn.Module, tuple[int, int] | None], EncoderShape]
+    plan_builder: Callable[[nn.Module, Any], Any] | None = None
+    compute_report: Callable[[nn.Module, tuple[int, int] | None], Any] | None = None
+    supports_pruning: bool = False
     reverse_map: dict[type[nn.Module], type[nn.Module]] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,6 +1,7 @@
 """ViT family adapter: ViT and DeiT (same block layout; DeiT adds a protected distillation token).
 
-Block: ``x = x + attn(layernorm_before(x)); x = merge(x); x = x + mlp(layernorm_after(x))``.
+Block: ``x = x + attn(layernorm_before(x)); x = reduce(x); x = x + mlp(layernorm_after(x))``, where reduce is
+ToMe merging or, with kept counts, prune + merge by class attention.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from transformers.utils.output_capturing import capture_outputs
 from ..mixin import ToMeModelMixin
 from .common import (
     KeyMetricAttentionMixin,
+    LayerKept,
     ReductionPlan,
     TokenMergeOutput,
+    needs_class_attention,
     proportional_attention_mask,
-    reduce_tokens,
+    reduce_layer_tokens,
     run_layers,
 )
 from .registry import Adapter, EncoderShape, register_adapter
@@ -28,14 +31,19 @@ class _ViTStyleLayerMixin:
     """Forward of a ViT/DeiT layer with a token reduction between attention and MLP."""
 
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
-                tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False, **kwargs):
+                tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False,
+                tome_kept: LayerKept | None = None, **kwargs):
         residual = hidden_states
         mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
-        attn_output, _, metric = self.attention(self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0,
-                                                **kwargs)
+        need_class = needs_class_attention(tome_kept, hidden_states.shape[1])
+        attn_output, _, metric, *class_scores = self.attention(
+            self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0 or need_class,
+            need_class_attention=need_class, **kwargs,
+        )
         hidden_states = self.dropout(attn_output) + residual
-        hidden_states, size, positions, source = reduce_tokens(
-            hidden_states, metric, size, positions, source, tome_r, protected, trace_source
+        hidden_states, size, positions, source = reduce_layer_tokens(
+            hidden_states, metric, class_scores[0] if need_class else None, size, positions, source, tome_r,
+            tome_kept, protected, trace_source,
         )
         residual = hidden_states
         hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
@@ -144,6 +152,7 @@ register_adapter(Adapter(
     protected_tokens=lambda config: 1,
     loop_module=_loop_module,
     encoder_shape=lambda model, image_size: _encoder_shape(model, image_size, 1),
+    supports_pruning=True,
 ))
 
 register_adapter(Adapter(
@@ -159,4 +168,5 @@ register_adapter(Adapter(
     protected_tokens=lambda config: 2,
     loop_module=_loop_module,
     encoder_shape=lambda model, image_size: _encoder_shape(model, image_size, 2),
+    supports_pruning=True,
 ))

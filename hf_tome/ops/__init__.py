@@ -2,5 +2,7 @@
 
 from .matching import Matching, bipartite_soft_matching
 from .merging import initial_positions, merge_source, merge_weighted, unmerge
+from .pruning import PruneMerge, class_attention, prune_and_merge, rank_by_score, soft_prune_merge
 
-__all__ = ["Matching", "bipartite_soft_matching", "initial_positions", "merge_source", "merge_weighted", "unmerge"]
+__all__ = ["Matching", "PruneMerge", "bipartite_soft_matching", "class_attention", "initial_positions",
+           "merge_source", "merge_weighted", "prune_and_merge", "rank_by_score", "soft_prune_merge", "unmerge"]

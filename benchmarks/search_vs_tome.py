@@ -1,0 +1,173 @@
+"""Searched prune + merge rates against constant-r ToMe at the same MACs, on the embedded DINOv2-S model.
+
+1. ``hf-tome search`` (random search) on the Fashion-MNIST *train* split, cut into search and validation images,
+   for FLOPs targets of about 70% and 55% of the full model's MACs at 224 px (skipped with ``--model``
+   pointing at a folder that already has a budget table).
+2. On held-out Fashion-MNIST *test* images, every setting runs end to end from the pixels: the full model,
+   each searched row, and for each row the constant ToMe r with the fewest MACs that are still >= the row's
+   (so ToMe never gets less compute), plus the next r (fewer MACs) for the plot.
+
+Prints a markdown table and writes ``results/search_vs_tome.json`` and ``results/search_vs_tome.png``.
+
+    python benchmarks/search_vs_tome.py --candidates 600 --test-images 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="a folder with a budget table (skips the search)")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.55])
+    parser.add_argument("--candidates", type=int, default=600)
+    parser.add_argument("--search-images", type=int, default=512)
+    parser.add_argument("--val-images", type=int, default=500)
+    parser.add_argument("--stage-images", type=int, nargs="+", default=[64, 192, 512])
+    parser.add_argument("--keep", type=float, default=0.1)
+    parser.add_argument("--test-images", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--neighbours", action="store_true", help="also run the next r (fewer MACs) for the plot")
+    return parser.parse_args()
+
+
+def tome_gmacs(space, r: int) -> float:
+    from hf_tome.flops import encoder_report
+    from hf_tome.schedule import tokens_per_layer
+
+    counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
+    return encoder_report(space.shape, counts[1:]).gmacs
+
+
+def main() -> None:
+    from accelerate import Accelerator
+    from transformers import AutoImageProcessor
+
+    import hf_tome
+    from hf_tome.adapters.registry import find_adapter
+    from hf_tome.assets.fashion_mnist import load_fashion_mnist
+    from hf_tome.evaluation import resolve_dtype
+    from hf_tome.search import SearchOptions, run_search
+    from hf_tome.search_eval import CachedEvaluator
+    from hf_tome.search_space import SearchSpace
+
+    args = parse_args()
+    search_payload = None
+    if args.model is None:
+        options = SearchOptions(targets=args.targets, candidates=args.candidates, search_images=args.search_images,
+                                val_images=args.val_images, stage_images=args.stage_images, keep=args.keep,
+                                batch_size=args.batch_size, dtype=args.dtype, out=args.out / "search",
+                                baseline=False)
+        search_payload = run_search(options)
+        model_dir = search_payload["saved_model"]
+    else:
+        model_dir = args.model
+    model = hf_tome.AutoModelForImageClassification.from_pretrained(model_dir)
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    table = model.tome_config.budget_table
+    image_size = tuple(model.tome_config.extra.get("budget_image_size", (224, 224)))
+    space = SearchSpace.for_shape(find_adapter(model).encoder_shape(model, image_size))
+    full = space.full_gmacs
+    test = load_fashion_mnist("test", limit=args.test_images)
+    dtype = resolve_dtype(args.dtype)
+    # The same construction as run_search (the accelerator state is shared): gloo on GPU-less multi-process runs.
+    accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    evaluator = CachedEvaluator(hf_tome.apply(model, budget=None, budget_table=None, prune_kept=None,
+                                              merge_kept=None), test, processor, accelerator, dtype,
+                                args.batch_size, keep_pixels=True)
+    settings = [{"name": "full", "gflops": full, "prune_kept": None, "merge_kept": None}]
+    for row in sorted(table, key=lambda row: -row["gflops"]):
+        if row["fraction"] >= 0.999:
+            continue
+        settings.append({"name": f"searched {row['fraction']:.2f}", "gflops": row["gflops"],
+                         "prune_kept": row["prune_kept"], "merge_kept": row["merge_kept"], "row": row})
+        at_least = max(r for r in range(space.num_tokens) if tome_gmacs(space, r) >= row["gflops"] - 1e-12)
+        for r in (at_least, at_least + 1) if args.neighbours else (at_least,):
+            settings.append({"name": f"ToMe r={r}", "gflops": tome_gmacs(space, r), "r": r,
+                             "paired_with": row["fraction"] if r == at_least else None})
+    unique = list({s["name"]: s for s in settings}.values())
+    timings: list[float] = []
+    start = time.perf_counter()
+    scores = evaluator.evaluate_from_pixels(unique, args.test_images, "test settings", timings)
+    seconds = time.perf_counter() - start
+    results = []
+    for number, setting in enumerate(unique):
+        results.append({"name": setting["name"], "gflops": setting["gflops"], "fraction": setting["gflops"] / full,
+                        "accuracy": float(scores[number, 0] / scores[number, 2]),
+                        "nll": float(scores[number, 1] / scores[number, 2]), "images": int(scores[number, 2]),
+                        "images_per_s": float(scores[number, 2] / timings[number]),
+                        "r": setting.get("r"), "paired_with": setting.get("paired_with"),
+                        "prune_kept": setting.get("prune_kept"), "merge_kept": setting.get("merge_kept"),
+                        "validation_accuracy": setting.get("row", {}).get("accuracy")})
+    lines = ["| setting | GMACs | MACs vs full | test accuracy | tokens leaving each layer |", "|---|---|---|---|---|"]
+    for result in results:
+        tokens = result["merge_kept"] or ""
+        lines.append(f"| {result['name']} | {result['gflops']:.3f} | {100 * result['fraction']:.1f}% | "
+                     f"{100 * result['accuracy']:.2f}% | {tokens} |")
+    comparison = []
+    for result in results:
+        if result["name"].startswith("searched"):
+            tome = next(r for r in results if r["paired_with"] is not None
+                        and abs(r["paired_with"] - result["gflops"] / full) < 1e-9)
+            comparison.append({"searched": result["name"], "searched_accuracy": result["accuracy"],
+                               "searched_gflops": result["gflops"], "tome": tome["name"],
+                               "tome_accuracy": tome["accuracy"], "tome_gflops": tome["gflops"],
+                               "at_least_as_accurate": result["accuracy"] >= tome["accuracy"]})
+    table_text = "\n".join(lines)
+    if not accelerator.is_main_process:
+        return
+    print(table_text)
+    for item in comparison:
+        print(f"{item['searched']} ({item['searched_gflops']:.3f} GMACs): {100 * item['searched_accuracy']:.2f}% vs "
+              f"{item['tome']} ({item['tome_gflops']:.3f} GMACs): {100 * item['tome_accuracy']:.2f}% -> "
+              f"{'at least as accurate' if item['at_least_as_accurate'] else 'LESS accurate'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"model": str(model_dir), "test_images": args.test_images, "dtype": str(dtype),
+               "threads": torch.get_num_threads(), "full_gflops": full, "image_size": list(image_size),
+               "test_seconds": seconds, "results": results, "comparison": comparison, "table": table_text,
+               "search": None if search_payload is None else {
+                   key: search_payload[key] for key in ("search_seconds", "total_seconds", "rows", "options",
+                                                        "processes", "log")}}
+    (args.out / "search_vs_tome.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    plot(results, full, args.out / "search_vs_tome.png", args.test_images)
+    print(f"wrote {args.out / 'search_vs_tome.json'} and {args.out / 'search_vs_tome.png'}")
+
+
+def plot(results: list[dict], full: float, path: Path, images: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    searched = sorted([r for r in results if r["name"] != "full" and r["r"] is None], key=lambda r: r["gflops"])
+    tome = sorted([r for r in results if r["r"] is not None], key=lambda r: r["gflops"])
+    base = next(r for r in results if r["name"] == "full")
+    axis.plot([r["gflops"] for r in searched], [100 * r["accuracy"] for r in searched], "o-",
+              label="prune + merge, searched rates")
+    axis.plot([r["gflops"] for r in tome], [100 * r["accuracy"] for r in tome], "s--", label="ToMe, constant r")
+    axis.plot([base["gflops"]], [100 * base["accuracy"]], "k*", markersize=10, label="full model")
+    for row in tome:
+        axis.annotate(f"r={row['r']}", (row["gflops"], 100 * row["accuracy"]), textcoords="offset points",
+                      xytext=(4, -10), fontsize=8)
+    axis.set_xlabel(f"GMACs per image (full model {full:.2f})")
+    axis.set_ylabel("top-1 accuracy (%)")
+    axis.set_title(f"DINOv2-S + Fashion-MNIST head, {images} test images, 224 px", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
