@@ -57,31 +57,32 @@ class SearchOptions:
     cpu: bool = False
 
 
-def _rank_key(scores: torch.Tensor, by_loss: bool):
-    """Sort key: lower loss (early stages: less noisy than accuracy on a few images), or higher accuracy first
-    with ties broken by loss (the last stage, which picks the row)."""
-    if by_loss:
-        return lambda item: float(scores[item, 1])
+def _rank_key(scores: torch.Tensor, early: bool):
+    """Sort key. Early stages: lower KL divergence from the uncompressed model (on a few images far less noisy
+    than accuracy). The last stage, which picks the row: higher accuracy, ties broken by the loss."""
+    if early:
+        return lambda item: float(scores[item, 3])
     return lambda item: (-float(scores[item, 0]), float(scores[item, 1]))
 
 
 def staged_random_search(evaluator, candidates: list[Candidate], stage_images: list[int], keep: float,
                          accelerator) -> tuple[list[Candidate], list[float], list[dict]]:
-    """Evaluate on growing subsets, keeping the best ``keep`` fraction of every bucket (by loss), then the most
-    accurate candidate of every bucket on the last subset.
+    """Evaluate on growing subsets, keeping the ``keep`` fraction of every bucket closest to the uncompressed
+    model's predictions, then the most accurate candidate of every bucket on the last subset.
 
     Returns the best candidate of every bucket, its accuracy in the last stage, and a log of the stages.
     """
     survivors, stages, accuracy = list(candidates), [], []
     for number, count in enumerate(stage_images):
         start = time.perf_counter()
-        scores = evaluator.evaluate([(c.prune_kept, c.merge_kept) for c in survivors], count,
-                                    description=f"stage {number + 1}/{len(stage_images)} ({count} images)")
         last = number == len(stage_images) - 1
+        scores = evaluator.evaluate([(c.prune_kept, c.merge_kept) for c in survivors], count,
+                                    description=f"stage {number + 1}/{len(stage_images)} ({count} images)",
+                                    fidelity=not last)
         chosen: list[int] = []
         for target in sorted({c.target for c in survivors}):
             members = sorted((i for i, c in enumerate(survivors) if c.target == target),
-                             key=_rank_key(scores, by_loss=not last))
+                             key=_rank_key(scores, early=not last))
             quota = 1 if last else max(2, math.ceil(keep * len(members)))
             chosen.extend(members[:quota])
         kept = [survivors[i] for i in chosen]

@@ -74,6 +74,7 @@ class CachedEvaluator:
         self._hidden: dict[int, torch.Tensor] = {}
         self._pixels: dict[int, torch.Tensor] = {}
         self._labels: dict[int, int] = {}
+        self._reference: dict[int, torch.Tensor] = {}
         self.pixel_shape: tuple[int, ...] | None = None
         self.set_kept(None, None)  # block 0 must be cached uncompressed, whatever the model was set to
 
@@ -149,22 +150,39 @@ class CachedEvaluator:
         find_adapter(self.model).loop_module(self.model)._tome_plan = build_plan(self.model, config)
 
     def evaluate(self, configs: Sequence[tuple[Sequence[int], Sequence[int]]], count: int,
-                 description: str = "candidates") -> torch.Tensor:
-        """Sums ``[correct, summed NLL, images]`` per configuration [len(configs), 3] over all processes.
+                 description: str = "candidates", fidelity: bool = False) -> torch.Tensor:
+        """Sums ``[correct, summed NLL, images, summed KL]`` per configuration [len(configs), 4] over all processes.
 
         Every process evaluates its share of the first ``count`` images; block 0 is replayed from the cache.
+        With ``fidelity``, the last column sums KL(uncompressed model || configuration) over the images: it
+        measures the damage directly, so it ranks candidates far less noisily than labels on a few images.
         """
         indices = self.local_indices(count)
         self.cache(indices)
-        totals = torch.zeros(len(configs), 3, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(len(configs), 4, dtype=torch.float64, device=self.device)
         progress = tqdm(configs, desc=description, unit="cfg", disable=not self.accelerator.is_main_process)
         with torch.inference_mode(), self.replaying() as replay:
+            if fidelity:
+                self._cache_reference(replay, indices)
             for number, (prune_kept, merge_kept) in enumerate(progress):
                 self.set_kept(prune_kept, merge_kept)
-                for hidden, labels, _ in self.batches(indices):
-                    totals[number] += _scores(self.logits_from_block0(replay, hidden), labels)
+                for hidden, labels, chunk in self.batches(indices):
+                    logits = self.logits_from_block0(replay, hidden)
+                    totals[number, :3] += _scores(logits, labels)
+                    if fidelity:
+                        reference = torch.stack([self._reference[index] for index in chunk])
+                        log_probs = logits.float().log_softmax(dim=-1)
+                        totals[number, 3] += (reference.exp() * (reference - log_probs)).sum().double()
         self.set_kept(None, None)
         return self._gather(totals)
+
+    def _cache_reference(self, replay: _ReplayBlock, indices: Sequence[int]) -> None:
+        """Log-probabilities of the uncompressed model for ``indices`` (inside :meth:`replaying`)."""
+        missing = [index for index in indices if index not in self._reference]
+        self.set_kept(None, None)
+        for hidden, _, chunk in self.batches(missing):
+            log_probs = self.logits_from_block0(replay, hidden).float().log_softmax(dim=-1)
+            self._reference.update(zip(chunk, log_probs, strict=True))
 
     def evaluate_merging(self, r_values: Sequence[int], count: int, description: str = "ToMe") -> torch.Tensor:
         """Like :meth:`evaluate` for constant-r ToMe, which merges in block 0 too (so runs from the pixels)."""

@@ -353,3 +353,22 @@ def test_search_end_to_end_writes_the_table(method, tiny_classifier_and_data, tm
     assert loaded.tome_compute().gmacs == pytest.approx(payload["rows"][1]["gflops"], rel=1e-5)
     with pytest.raises(ValueError, match="is below the budget table, which covers"):
         loaded.set_tome_budget(0.3)
+
+
+def test_cached_evaluator_replays_block0_exactly(tiny_classifier_and_data):
+    import datasets
+    from accelerate import Accelerator
+
+    from hf_tome.search_eval import CachedEvaluator
+
+    model_dir, data_dir = tiny_classifier_and_data
+    model = hf_tome.AutoModelForImageClassification.from_pretrained(model_dir)
+    processor = T.AutoImageProcessor.from_pretrained(model_dir)
+    evaluator = CachedEvaluator(model, datasets.load_from_disk(str(data_dir)), processor, Accelerator(),
+                                torch.float32, batch_size=8, keep_pixels=True)
+    full, reduced = ([65] * 4, [65] * 4), ([65, 50, 40, 30], [65, 45, 30, 20])
+    replayed = evaluator.evaluate([full, reduced], 16, fidelity=True)
+    from_pixels = evaluator.evaluate_from_pixels([{"prune_kept": full[0], "merge_kept": full[1]},
+                                                  {"prune_kept": reduced[0], "merge_kept": reduced[1]}], 16)
+    torch.testing.assert_close(replayed[:, :3], from_pixels)  # skipping block 0 changes nothing
+    assert replayed[0, 3] == 0 and replayed[1, 3] > 0  # KL from the uncompressed model
