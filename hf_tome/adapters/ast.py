@@ -16,10 +16,9 @@ from transformers.utils.output_capturing import capture_outputs
 from ..mixin import ToMeModelMixin
 from .common import (
     KeyMetricAttentionMixin,
+    PreNormReduceLayerMixin,
     ReductionPlan,
     TokenMergeOutput,
-    proportional_attention_mask,
-    reduce_tokens,
     run_layers,
 )
 from .registry import Adapter, EncoderShape, register_adapter
@@ -34,23 +33,8 @@ class ToMeASTAttention(KeyMetricAttentionMixin, ast_hf.ASTAttention):
     _eager_attention = staticmethod(ast_hf.eager_attention_forward)
 
 
-class ToMeASTLayer(ast_hf.ASTLayer):
+class ToMeASTLayer(PreNormReduceLayerMixin, ast_hf.ASTLayer):
     """AST layer with a token reduction between the attention and the MLP."""
-
-    def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
-                tome_r: int = 0, protected: int = _PROTECTED, prop_attn: bool = True, trace_source: bool = False,
-                **kwargs):
-        residual = hidden_states
-        mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
-        attn_output, _, metric = self.attention(self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0,
-                                                **kwargs)
-        hidden_states = self.dropout(attn_output) + residual
-        hidden_states, size, positions, source = reduce_tokens(
-            hidden_states, metric, size, positions, source, tome_r, protected, trace_source
-        )
-        residual = hidden_states
-        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
-        return hidden_states, size, positions, source
 
 
 class ToMeASTModel(ToMeModelMixin, ast_hf.ASTModel):

@@ -242,6 +242,31 @@ def reduce_layer_tokens(
                               trace_source)
 
 
+
+class PreNormReduceLayerMixin:
+    """Forward of a ViT-style pre-norm layer (``layernorm_before``/``layernorm_after``, ``attention``, ``mlp``,
+    ``dropout``) with the token reduction between attention and MLP: ViT, DeiT, AST and ViViT share it."""
+
+    def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
+                tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False,
+                tome_kept: LayerKept | None = None, **kwargs):
+        residual = hidden_states
+        mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
+        need_class = needs_class_attention(tome_kept, hidden_states.shape[1])
+        attn_output, _, metric, *class_scores = self.attention(
+            self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0 or need_class,
+            need_class_attention=need_class, **kwargs,
+        )
+        hidden_states = self.dropout(attn_output) + residual
+        hidden_states, size, positions, source = reduce_layer_tokens(
+            hidden_states, metric, class_scores[0] if need_class else None, size, positions, source, tome_r,
+            tome_kept, protected, trace_source,
+        )
+        residual = hidden_states
+        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+        return hidden_states, size, positions, source
+
+
 def run_layers(
     layers: Sequence[nn.Module],
     hidden: torch.Tensor,

@@ -16,38 +16,12 @@ from transformers.utils.output_capturing import capture_outputs
 from ..mixin import ToMeModelMixin
 from .common import (
     KeyMetricAttentionMixin,
-    LayerKept,
+    PreNormReduceLayerMixin,
     ReductionPlan,
     TokenMergeOutput,
-    needs_class_attention,
-    proportional_attention_mask,
-    reduce_layer_tokens,
     run_layers,
 )
 from .registry import Adapter, EncoderShape, register_adapter
-
-
-class _ViTStyleLayerMixin:
-    """Forward of a ViT/DeiT layer with a token reduction between attention and MLP."""
-
-    def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
-                tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False,
-                tome_kept: LayerKept | None = None, **kwargs):
-        residual = hidden_states
-        mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
-        need_class = needs_class_attention(tome_kept, hidden_states.shape[1])
-        attn_output, _, metric, *class_scores = self.attention(
-            self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0 or need_class,
-            need_class_attention=need_class, **kwargs,
-        )
-        hidden_states = self.dropout(attn_output) + residual
-        hidden_states, size, positions, source = reduce_layer_tokens(
-            hidden_states, metric, class_scores[0] if need_class else None, size, positions, source, tome_r,
-            tome_kept, protected, trace_source,
-        )
-        residual = hidden_states
-        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
-        return hidden_states, size, positions, source
 
 
 class _ViTStyleModelMixin(ToMeModelMixin):
@@ -82,7 +56,7 @@ class ToMeViTAttention(KeyMetricAttentionMixin, vit.ViTAttention):
     _eager_attention = staticmethod(vit.eager_attention_forward)
 
 
-class ToMeViTLayer(_ViTStyleLayerMixin, vit.ViTLayer):
+class ToMeViTLayer(PreNormReduceLayerMixin, vit.ViTLayer):
     pass
 
 
@@ -99,7 +73,7 @@ class ToMeDeiTAttention(KeyMetricAttentionMixin, deit.DeiTAttention):
     _eager_attention = staticmethod(deit.eager_attention_forward)
 
 
-class ToMeDeiTLayer(_ViTStyleLayerMixin, deit.DeiTLayer):
+class ToMeDeiTLayer(PreNormReduceLayerMixin, deit.DeiTLayer):
     pass
 
 
