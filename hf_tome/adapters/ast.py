@@ -8,7 +8,6 @@ Block: ``x = x + attn(layernorm_before(x)); x = merge(x); x = x + mlp(layernorm_
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.audio_spectrogram_transformer import modeling_audio_spectrogram_transformer as ast_hf
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -19,7 +18,7 @@ from .common import (
     PreNormReduceLayerMixin,
     ReductionPlan,
     TokenMergeOutput,
-    run_layers,
+    encode_and_pool,
 )
 from .registry import Adapter, EncoderShape, register_adapter
 
@@ -48,16 +47,9 @@ class ToMeASTModel(ToMeModelMixin, ast_hf.ASTModel):
     def forward(self, input_values: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> TokenMergeOutput:
         embedding_output = self.embeddings(input_values)
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-        )
-        hidden, size, positions, source = run_layers(self.layers, embedding_output, self._tome_plan, attention_mask,
-                                                     **kwargs)
-        sequence_output = self.layernorm(hidden)
         # Both summary tokens are protected: they are still at positions 0 and 1, each of size 1.
-        pooled_output = (sequence_output[:, 0] + sequence_output[:, 1]) / 2
-        return TokenMergeOutput(last_hidden_state=sequence_output, pooler_output=pooled_output, token_sizes=size,
-                                token_positions=positions, token_source=source)
+        return encode_and_pool(self, embedding_output, attention_mask,
+                               lambda sequence: (sequence[:, 0] + sequence[:, 1]) / 2, **kwargs)
 
 
 class ToMeASTForAudioClassification(ToMeModelMixin, ast_hf.ASTForAudioClassification):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -292,6 +293,21 @@ def run_layers(
         batch, num_tokens, _ = hidden.shape
         source = torch.eye(num_tokens, dtype=hidden.dtype, device=hidden.device).expand(batch, -1, -1)
     return hidden, size, positions, source
+
+
+
+def encode_and_pool(model: nn.Module, embedding_output: torch.Tensor, attention_mask: torch.Tensor | None,
+                    pool: Callable[[torch.Tensor], torch.Tensor | None], **kwargs) -> TokenMergeOutput:
+    """The body of a ViT-style base model after its embeddings: the bidirectional mask, hf_tome's encoder loop
+    over ``model.layers``, the final ``model.layernorm`` and ``pool`` on the normalised sequence."""
+    attention_mask = create_bidirectional_mask(
+        config=model.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+    )
+    hidden, size, positions, source = run_layers(model.layers, embedding_output, model._tome_plan, attention_mask,
+                                                 **kwargs)
+    sequence_output = model.layernorm(hidden)
+    return TokenMergeOutput(last_hidden_state=sequence_output, pooler_output=pool(sequence_output),
+                            token_sizes=size, token_positions=positions, token_source=source)
 
 
 def weighted_token_mean(tokens: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:

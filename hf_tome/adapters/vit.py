@@ -7,7 +7,6 @@ ToMe merging or, with kept counts, prune + merge by class attention.
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.deit import modeling_deit as deit
 from transformers.models.vit import modeling_vit as vit
 from transformers.utils.generic import merge_with_config_defaults
@@ -19,7 +18,7 @@ from .common import (
     PreNormReduceLayerMixin,
     ReductionPlan,
     TokenMergeOutput,
-    run_layers,
+    encode_and_pool,
 )
 from .registry import Adapter, EncoderShape, register_adapter
 
@@ -40,15 +39,8 @@ class _ViTStyleModelMixin(ToMeModelMixin):
         embedding_output = self.embeddings(
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
         )
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-        )
-        hidden, size, positions, source = run_layers(self.layers, embedding_output, self._tome_plan, attention_mask,
-                                                     **kwargs)
-        sequence_output = self.layernorm(hidden)
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-        return TokenMergeOutput(last_hidden_state=sequence_output, pooler_output=pooled_output, token_sizes=size,
-                                token_positions=positions, token_source=source)
+        return encode_and_pool(self, embedding_output, attention_mask,
+                               lambda sequence: self.pooler(sequence) if self.pooler is not None else None, **kwargs)
 
 
 # ViT

@@ -8,7 +8,6 @@ Block: ``x = x + attn(layernorm_before(x)); x = merge(x); x = x + mlp(layernorm_
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.vivit import modeling_vivit as vivit
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -19,7 +18,7 @@ from .common import (
     PreNormReduceLayerMixin,
     ReductionPlan,
     TokenMergeOutput,
-    run_layers,
+    encode_and_pool,
 )
 from .registry import Adapter, EncoderShape, register_adapter
 
@@ -48,15 +47,8 @@ class ToMeVivitModel(ToMeModelMixin, vivit.VivitModel):
     def forward(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
                 attention_mask: torch.Tensor | None = None, **kwargs) -> TokenMergeOutput:
         embedding_output = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-        )
-        hidden, size, positions, source = run_layers(self.layers, embedding_output, self._tome_plan, attention_mask,
-                                                     **kwargs)
-        sequence_output = self.layernorm(hidden)
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-        return TokenMergeOutput(last_hidden_state=sequence_output, pooler_output=pooled_output, token_sizes=size,
-                                token_positions=positions, token_source=source)
+        return encode_and_pool(self, embedding_output, attention_mask,
+                               lambda sequence: self.pooler(sequence) if self.pooler is not None else None, **kwargs)
 
 
 class ToMeVivitForVideoClassification(ToMeModelMixin, vivit.VivitForVideoClassification):
