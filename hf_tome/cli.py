@@ -4,6 +4,7 @@
     hf-tome bench --model google/vit-base-patch16-224 --dataset <saved datasets folder>
     hf-tome serve --budget full=r:0 --budget half=macs:0.5   # LitServe on 127.0.0.1:8000
     hf-tome search --targets 0.7 0.55 # prune + merge rates under FLOPs targets -> budget table in the config
+    hf-tome compress --target 0.75   # few-shot DC-ViT block compression on 500 unlabeled images
     hf-tome build-default             # only build (or locate) the embedded default model
 """
 
@@ -91,10 +92,26 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compress(subparsers) -> None:
+    from .compress import add_compress_arguments
+
+    parser = subparsers.add_parser("compress", help="few-shot DC-ViT block compression to a MACs target (runs "
+                                   "under `accelerate launch -m hf_tome.compress` too)")
+    add_compress_arguments(parser)
+    parser.set_defaults(run=_run_compress)
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    from .compress import options_from_args, run_compress
+
+    run_compress(options_from_args(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-tome", description="Token merging for Hugging Face transformers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_bench, _add_serve, _add_search, _add_build_default):
+    for add in (_add_bench, _add_serve, _add_search, _add_compress, _add_build_default):
         add(subparsers)
     return parser
 

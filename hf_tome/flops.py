@@ -38,18 +38,25 @@ class ComputeReport:
         return {**asdict(self), "total_macs": self.total_macs, "gmacs": self.gmacs}
 
 
-def block_macs(hidden_size: int, intermediate_size: int, tokens_in: int, tokens_out: int) -> int:
-    """MACs of one block: attention on ``tokens_in`` tokens, MLP on ``tokens_out`` (after reduction)."""
-    attention = 4 * tokens_in * hidden_size**2 + 2 * tokens_in**2 * hidden_size
-    return attention + 2 * tokens_out * hidden_size * intermediate_size
+def block_macs(hidden_size: int, intermediate_size: int, tokens_in: int, tokens_out: int,
+               attention: bool = True) -> int:
+    """MACs of one block: attention on ``tokens_in`` tokens (none when removed), MLP on ``tokens_out``."""
+    attention_macs = 4 * tokens_in * hidden_size**2 + 2 * tokens_in**2 * hidden_size if attention else 0
+    return attention_macs + 2 * tokens_out * hidden_size * intermediate_size
 
 
-def encoder_report(shape: EncoderShape, tokens_after: Sequence[int]) -> ComputeReport:
-    """Report for an encoder whose layer ``i`` reduces its input to ``tokens_after[i]`` tokens."""
+def encoder_report(shape: EncoderShape, tokens_after: Sequence[int],
+                   compressed_layers: dict[int, int] | None = None) -> ComputeReport:
+    """Report for an encoder whose layer ``i`` reduces its input to ``tokens_after[i]`` tokens.
+
+    ``compressed_layers`` maps the blocks that lost their attention (DC-ViT) to their kept MLP units.
+    """
+    compressed_layers = compressed_layers or {}
     tokens_in = [shape.num_patches + shape.protected, *tokens_after[:-1]]
     layer_macs = [
-        block_macs(shape.hidden_size, shape.intermediate_size, n_in, n_out)
-        for n_in, n_out in zip(tokens_in, tokens_after, strict=True)
+        block_macs(shape.hidden_size, compressed_layers.get(index, shape.intermediate_size), n_in, n_out,
+                   attention=index not in compressed_layers)
+        for index, (n_in, n_out) in enumerate(zip(tokens_in, tokens_after, strict=True))
     ]
     return ComputeReport(tokens_in, list(tokens_after), layer_macs, shape.num_patches * shape.patch_macs_per_patch,
                          shape.head_macs)
@@ -72,4 +79,11 @@ def compute_report(model: nn.Module, image_size: tuple[int, int] | None = None) 
     else:
         schedule = plan.layer_r if plan is not None else [0] * shape.num_layers
         counts = tokens_per_layer(num_tokens, schedule, shape.protected)
-    return encoder_report(shape, counts[1:])
+    return encoder_report(shape, counts[1:], _compressed_layers(model))
+
+
+def _compressed_layers(model: nn.Module) -> dict[int, int]:
+    from .blocks import CONFIG_KEY, compression_of
+
+    # The modules are the truth; only models whose config says they were compressed are inspected.
+    return compression_of(model) if getattr(model.config, CONFIG_KEY, None) else {}

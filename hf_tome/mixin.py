@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -47,10 +48,28 @@ class ToMeModelMixin:
     def save_pretrained(self, *args: Any, **kwargs: Any):
         """Save exactly like the stock class (``architectures`` names it), with ``config.tome`` kept."""
         from .adapters.registry import find_adapter
+        from .blocks import CONFIG_KEY
 
         patched_class = type(self)
         self.__class__ = find_adapter(self).reverse_map[patched_class]
         try:
-            return self.save_pretrained(*args, **kwargs)
+            saved = self.save_pretrained(*args, **kwargs)
         finally:
             self.__class__ = patched_class
+        folder = args[0] if args else kwargs.get("save_directory")
+        if getattr(self.config, CONFIG_KEY, None) and folder:  # a block-compressed model carries its model card
+            from .model_card import render_model_card
+
+            render_model_card(self).save(os.path.join(folder, "README.md"))
+        return saved
+
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
+        """transformers' ``push_to_hub``; a block-compressed model uploads its hf-tome model card instead."""
+        from .blocks import CONFIG_KEY
+
+        if not getattr(self.config, CONFIG_KEY, None):
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        from .model_card import push_compressed_to_hub
+
+        allowed = {"commit_message", "private", "token", "revision", "create_pr"}
+        return push_compressed_to_hub(self, repo_id, **{key: value for key, value in kwargs.items() if key in allowed})

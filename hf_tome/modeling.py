@@ -6,9 +6,14 @@ from typing import Any
 
 import transformers
 from torch import nn
+from transformers.models.auto.auto_factory import _get_model_class
 
+from .blocks import CONFIG_KEY, rebuild_from_config
 from .config import ToMeConfig
 from .patch import apply
+
+# Keywords of ``from_pretrained`` that say where to find the files (read before the config is loaded).
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 def _split_tome_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -25,11 +30,40 @@ def _patch_loaded(model: nn.Module, tome_config: ToMeConfig | dict | None, overr
     return apply(model, tome_config, **overrides)
 
 
+def _block_compressed_class(stock_class: type[nn.Module]) -> type[nn.Module]:
+    """``stock_class`` whose ``__init__`` also builds the compressed blocks ``config.block_compression`` names,
+    so transformers' own ``from_pretrained`` loads the slim weights into matching modules."""
+
+    def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        stock_class.__init__(self, config, *args, **kwargs)
+        rebuild_from_config(self)
+
+    return type(stock_class.__name__, (stock_class,), {"__init__": __init__, "__module__": stock_class.__module__})
+
+
+def _load(auto_class: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> nn.Module:
+    """``auto_class.from_pretrained``, rebuilding DC-ViT compressed blocks before the weights are loaded."""
+    config = kwargs.pop("config", None)
+    if config is None:
+        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+        config = transformers.AutoConfig.from_pretrained(pretrained_model_name_or_path,
+                                                         trust_remote_code=kwargs.get("trust_remote_code"),
+                                                         **hub_kwargs)
+    if not getattr(config, CONFIG_KEY, None):
+        return auto_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+    stock_class = _get_model_class(config, auto_class._model_mapping)
+    model = _block_compressed_class(stock_class).from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                                  config=config, **kwargs)
+    model.__class__ = stock_class  # saves, patches and prints as the stock class
+    return model
+
+
 class _ToMeAutoClass:
     """Loads with the wrapped transformers Auto class, then applies hf_tome.
 
-    The ToMe settings come from, in order of precedence: ``tome_<field>=`` keywords, ``tome_config=``,
-    the ``tome`` section saved in the checkpoint's config, and ``ToMeConfig()`` defaults.
+    Models compressed by ``hf-tome compress`` (``config.block_compression``) get their slim blocks rebuilt before
+    the weights are loaded. The ToMe settings come from, in order of precedence: ``tome_<field>=`` keywords,
+    ``tome_config=``, the ``tome`` section saved in the checkpoint's config, and ``ToMeConfig()`` defaults.
     """
 
     _auto_class: type
@@ -43,7 +77,7 @@ class _ToMeAutoClass:
                         tome_config: ToMeConfig | dict | None = None, **kwargs: Any) -> nn.Module:
         """Same as transformers' ``from_pretrained`` plus ``tome_config=`` and ``tome_<field>=`` keywords."""
         overrides = _split_tome_kwargs(kwargs)
-        model = cls._auto_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = _load(cls._auto_class, pretrained_model_name_or_path, *model_args, **kwargs)
         return _patch_loaded(model, tome_config, overrides)
 
     @classmethod
@@ -51,6 +85,8 @@ class _ToMeAutoClass:
         """Same as transformers' ``from_config`` plus ``tome_config=`` and ``tome_<field>=`` keywords."""
         overrides = _split_tome_kwargs(kwargs)
         model = cls._auto_class.from_config(config, **kwargs)
+        if getattr(config, CONFIG_KEY, None):
+            rebuild_from_config(model)
         return _patch_loaded(model, tome_config, overrides)
 
 

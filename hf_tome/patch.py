@@ -36,11 +36,24 @@ def build_plan(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
     num_layers = _num_layers(model)
     layer_r = merge_schedule(config.r, num_layers, config.inflect)
     protected = adapter.protected_tokens(model.config)
-    if config.prune_kept is not None:
+    prune_kept, merge_kept = config.prune_kept, config.merge_kept
+    if prune_kept is not None:
         _check_kept_against_model(config, num_layers, protected)
+    # Blocks compressed by DC-ViT have no attention, hence no keys or class attention: they reduce nothing and
+    # the token count carries through them.
+    for index in _attention_free_layers(model):
+        layer_r[index] = 0
+        if prune_kept is not None and index > 0:
+            prune_kept, merge_kept = list(prune_kept), list(merge_kept)
+            prune_kept[index] = merge_kept[index] = merge_kept[index - 1]
     return ReductionPlan(layer_r=layer_r, protected=protected, prop_attn=config.prop_attn,
-                         trace_source=config.trace_source, prune_kept=config.prune_kept,
-                         merge_kept=config.merge_kept)
+                         trace_source=config.trace_source, prune_kept=prune_kept, merge_kept=merge_kept)
+
+
+def _attention_free_layers(model: nn.Module) -> list[int]:
+    from .blocks import CONFIG_KEY, compression_of
+
+    return sorted(compression_of(model)) if getattr(model.config, CONFIG_KEY, None) else []
 
 
 def _check_kept_against_model(config: ToMeConfig, num_layers: int, protected: int) -> None:

@@ -1,0 +1,272 @@
+"""``hf-tome compress``: few-shot DC-ViT block compression of a ViT, DeiT or Dinov2 model to a MACs target.
+
+Steps (``../shared/spec/methods.md`` section 3): plan the blocks for the target (:mod:`hf_tome.block_budget`),
+generate a synthetic metric set from noise (:mod:`hf_tome.metric_set`), trial every block but the first and last,
+compress the best ones one at a time with feature-mimicking fine-tuning on the unlabeled images
+(:mod:`hf_tome.dcvit`, :mod:`hf_tome.mimic`), and save a model that ``hf_tome.AutoModel*.from_pretrained`` loads,
+with a model card. ``--method drop`` removes whole blocks instead (the baseline), with the same trial and
+fine-tuning. Runs under Accelerate: ``accelerate launch -m hf_tome.compress ...`` for several devices or mixed
+precision; ``--resume`` continues from the state saved after each compressed block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from .block_budget import block_costs, plan_blocks
+from .blocks import CONFIG_KEY, encoder_layers, record_compression, split_units
+from .dcvit import (
+    STATE_MODEL,
+    CompressionState,
+    activation_importance,
+    divergence_scorer,
+    progressive_compress,
+    trial_blocks,
+)
+from .flops import compute_report
+from .metric_set import generate_metric_set
+from .mimic import feature_mse, output_tokens
+
+
+@dataclass
+class CompressOptions:
+    """What ``hf-tome compress`` was asked to do (see ``hf-tome compress --help``)."""
+
+    target: float = 0.75
+    model: str | None = None
+    method: str = "dc-vit"
+    data: str = "fashion-mnist"
+    split: str = "train"
+    num_images: int = 500
+    image_column: str = "image"
+    out: Path = Path("results/compress")
+    resume: bool = False
+    epochs_per_block: float = 2.0
+    trial_epochs: float = 0.25
+    batch_size: int = 16
+    lr: float = 3e-5
+    metric_images: int = 32
+    metric_steps: int = 40
+    importance: str = "activation"
+    mixed_precision: str | None = None
+    seed: int = 0
+    eval_dataset: str | None = None
+    eval_split: str = "test"
+    eval_limit: int | None = 1000
+    push_to_hub: str | None = None
+
+
+def load_unlabeled_pixels(options: CompressOptions, image_processor) -> tuple[torch.Tensor, str]:
+    """``options.num_images`` preprocessed images of the data source, and a description of where they came from.
+
+    ``data``: ``fashion-mnist``, a folder of image files, a ``Dataset.save_to_disk`` folder or a Hub dataset id.
+    Labels, if any, are ignored.
+    """
+    import datasets
+
+    source = Path(options.data)
+    if options.data == "fashion-mnist":
+        from .assets.fashion_mnist import load_fashion_mnist
+
+        dataset = load_fashion_mnist(options.split)
+    elif source.is_dir() and not any((source / name).exists() for name in ("dataset_info.json", "dataset_dict.json",
+                                                                           "state.json")):
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(source), split="train")
+    elif source.is_dir():
+        loaded = datasets.load_from_disk(str(source))
+        dataset = loaded[options.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    else:
+        dataset = datasets.load_dataset(options.data, split=options.split)
+    if options.image_column not in dataset.column_names:
+        raise ValueError(f"data {options.data!r} has no column {options.image_column!r}: found {dataset.column_names}")
+    if not 1 <= options.num_images <= len(dataset):
+        raise ValueError(f"num_images={options.num_images} is invalid: expected 1..{len(dataset)} (the rows of "
+                         f"{options.data!r})")
+    rows = dataset.shuffle(seed=options.seed).select(range(options.num_images))
+    chunks = []
+    for start in range(0, len(rows), 64):
+        images = [image.convert("RGB") for image in rows[start:start + 64][options.image_column]]
+        chunks.append(image_processor(images=images, return_tensors="pt")["pixel_values"])
+    return torch.cat(chunks), f"{options.data}, split {options.split!r}, seed {options.seed}"
+
+
+def _load_model(name: str) -> nn.Module:
+    import transformers
+
+    from .modeling import _load
+
+    config = transformers.AutoConfig.from_pretrained(name)
+    classifier = any(arch.endswith("ForImageClassification") for arch in (config.architectures or []))
+    auto = transformers.AutoModelForImageClassification if classifier else transformers.AutoModel
+    return _load(auto, name, config=config).eval()
+
+
+def _metric_scorer(options: CompressOptions, original: nn.Module, pixels: torch.Tensor, teacher: torch.Tensor,
+                   accelerator: Accelerator, state_dir: Path):
+    """KL on a synthetic metric set for classifiers; feature MSE on the unlabeled images for bare backbones."""
+    num_labels = getattr(getattr(original, "classifier", None), "out_features", None)
+    if num_labels is None:
+        return lambda student: feature_mse(student, pixels, teacher, accelerator=accelerator), None
+    path = state_dir / "metric_set.pt"
+    if path.exists():
+        metric = torch.load(path)
+    else:
+        original.requires_grad_(False)
+
+        def logits_fn(images: torch.Tensor) -> torch.Tensor:
+            with accelerator.autocast():
+                return original(pixel_values=images).logits
+
+        generated = generate_metric_set(logits_fn, options.metric_images, num_labels, tuple(pixels.shape[1:]),
+                                        steps=options.metric_steps, seed=options.seed, device=accelerator.device,
+                                        progress=accelerator.is_local_main_process)
+        metric = {"pixel_values": generated.pixel_values.cpu(), "labels": generated.labels.cpu(),
+                  "losses": generated.losses}
+        if accelerator.is_main_process:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(metric, path)
+    return divergence_scorer(original, metric["pixel_values"], accelerator), metric["losses"]
+
+
+def _measure(options: CompressOptions, original: nn.Module, compressed: nn.Module, image_processor) -> dict:
+    from .bench import load_eval_dataset
+    from .evaluation import evaluate_classifier
+
+    dataset = load_eval_dataset(options.eval_dataset, options.eval_split, options.eval_limit)
+    results = {name: evaluate_classifier(model, dataset, image_processor, batch_size=32, description=name)
+               for name, model in (("original", original), ("compressed", compressed))}
+    return {"accuracy": results["compressed"].accuracy, "original_accuracy": results["original"].accuracy,
+            "images_per_s": results["compressed"].images_per_s,
+            "original_images_per_s": results["original"].images_per_s, "eval_dataset": options.eval_dataset,
+            "eval_images": len(dataset), "speed_setup": "float32 forward passes, batch 32, on the evaluation machine"}
+
+
+def run_compress(options: CompressOptions) -> dict:
+    """Run the whole compression; returns the summary also written to ``options.out/compress.json``."""
+    from transformers import AutoImageProcessor
+
+    accelerator = Accelerator(mixed_precision=options.mixed_precision) if options.mixed_precision else Accelerator()
+    started = time.perf_counter()
+    torch.manual_seed(options.seed)
+    if options.model is None:
+        from .assets.default_model import default_model_path
+
+        with accelerator.main_process_first():
+            model_name = str(default_model_path())
+    else:
+        model_name = options.model
+    original = _load_model(model_name).to(accelerator.device)
+    encoder_layers(original)  # refuses unsupported families before any work
+    image_processor = AutoImageProcessor.from_pretrained(model_name)
+    costs = block_costs(original)
+    plan = plan_blocks(costs, options.target, options.method)
+    pixels, samples_source = load_unlabeled_pixels(options, image_processor)
+    state_dir = options.out / "state"
+    teacher = output_tokens(original, pixels, accelerator=accelerator, description="original features")
+    importance = (activation_importance(original, pixels[:64].to(accelerator.device))
+                  if options.importance == "activation" else None)
+    state = CompressionState.load(state_dir) if options.resume else None
+    metric_losses = None
+    if state is None:
+        state = CompressionState(method=options.method, target=options.target)
+        score, metric_losses = _metric_scorer(options, original, pixels, teacher, accelerator, state_dir)
+        candidates = list(range(1, costs.num_layers - 1))
+        per_block = plan.kept_units // plan.num_blocks
+        scores = trial_blocks(original, candidates, per_block, pixels, teacher, accelerator, score, importance,
+                              epochs=options.trial_epochs, batch_size=options.batch_size, lr=options.lr)
+        state.trial_scores = {str(block): value for block, value in scores.items()}
+        state.order = sorted(scores, key=scores.get)[: plan.num_blocks]
+        state.widths = {str(b): units for b, units in split_units(plan.kept_units, sorted(state.order)).items()}
+        if accelerator.is_main_process:
+            state.save(state_dir)
+    student = _load_model(str(state_dir / STATE_MODEL)) if state.done else copy.deepcopy(original)
+    student = progressive_compress(student.to(accelerator.device), state, pixels, teacher, accelerator, state_dir,
+                                   importance, epochs=options.epochs_per_block, batch_size=options.batch_size,
+                                   lr=options.lr)
+    report = compute_report(student)
+    full_gmacs = costs.full_macs / 1e9
+    details = {"method": options.method, "target": options.target, "base_model": model_name,
+               "num_samples": len(pixels), "samples_source": samples_source, "gmacs": report.gmacs,
+               "full_gmacs": full_gmacs, "trial_scores": state.trial_scores}
+    if options.eval_dataset:
+        details["measured"] = _measure(options, original, student, image_processor)
+    record_compression(student, **details)
+    summary = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+               "block_compression": getattr(student.config, CONFIG_KEY), "planned_gmacs": plan.planned_macs / 1e9,
+               "target_gmacs": plan.target_macs / 1e9, "feature_mse": state.feature_mse, "losses": state.losses,
+               "metric_set_losses": metric_losses, "seconds": time.perf_counter() - started}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from .model_card import push_compressed_to_hub, save_with_card
+
+        model_dir = save_with_card(student, options.out / "model")
+        image_processor.save_pretrained(model_dir)
+        (options.out / "compress.json").write_text(json.dumps(summary, indent=1))
+        if options.push_to_hub:
+            push_compressed_to_hub(student, options.push_to_hub,
+                                   extra_files={"preprocessor_config.json": model_dir / "preprocessor_config.json"})
+        print(f"compressed {model_name} to {report.gmacs:.3f} GMACs ({report.gmacs / full_gmacs:.1%}); "
+              f"blocks {sorted(state.order)}, widths {state.widths}; saved to {model_dir}")
+    return summary
+
+
+def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``hf-tome compress`` (shared with ``python -m hf_tome.compress``)."""
+    defaults = CompressOptions()
+    parser.add_argument("--target", type=float, default=defaults.target,
+                        help="MACs target: a fraction (<= 1) of the full model or GMACs per image (> 1)")
+    parser.add_argument("--model", default=None, help="local folder or Hub id of a ViT, DeiT or Dinov2 model "
+                        "(default: the embedded DINOv2-S Fashion-MNIST model)")
+    parser.add_argument("--method", choices=["dc-vit", "drop"], default=defaults.method,
+                        help="dc-vit (dense) or drop (whole blocks, the baseline)")
+    parser.add_argument("--data", default=defaults.data, help="unlabeled images: 'fashion-mnist', a folder of "
+                        "image files, a Dataset.save_to_disk folder or a Hub dataset id")
+    parser.add_argument("--split", default=defaults.split)
+    parser.add_argument("--num-images", type=int, default=defaults.num_images, help="unlabeled images used (50-1000)")
+    parser.add_argument("--image-column", default=defaults.image_column)
+    parser.add_argument("--out", type=Path, default=defaults.out, help="output folder (model/, state/, compress.json)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/state")
+    parser.add_argument("--epochs-per-block", type=float, default=defaults.epochs_per_block)
+    parser.add_argument("--trial-epochs", type=float, default=defaults.trial_epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--metric-images", type=int, default=defaults.metric_images)
+    parser.add_argument("--metric-steps", type=int, default=defaults.metric_steps)
+    parser.add_argument("--importance", choices=["activation", "first"], default=defaults.importance,
+                        help="which MLP units survive: most active x largest output weights, or simply the first")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
+                        help="default: whatever `accelerate launch` / `accelerate config` says")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--eval-dataset", default=None, help="labelled dataset to measure accuracy and images/s "
+                        "for the model card ('fashion-mnist', a save_to_disk folder or a Hub id)")
+    parser.add_argument("--eval-split", default=defaults.eval_split)
+    parser.add_argument("--eval-limit", type=int, default=defaults.eval_limit)
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the model with its card")
+
+
+def options_from_args(args: argparse.Namespace) -> CompressOptions:
+    """``CompressOptions`` from parsed ``add_compress_arguments`` arguments."""
+    values = vars(args)
+    return CompressOptions(**{key: values[key] for key in CompressOptions.__dataclass_fields__ if key in values})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hf_tome.compress`` / ``accelerate launch -m hf_tome.compress``."""
+    parser = argparse.ArgumentParser(prog="hf_tome.compress", description=__doc__.split("\n")[0])
+    add_compress_arguments(parser)
+    run_compress(options_from_args(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""DC-ViT end to end on a tiny Dinov2 classifier: metric set, fine-tuning, the script, resume, save, card, push."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import make_model
+from PIL import Image
+
+import hf_tome
+from hf_tome import blocks
+from hf_tome.compress import CompressOptions, main, run_compress
+from hf_tome.metric_set import generate_metric_set, total_variation
+from hf_tome.mimic import feature_mse, finetune_mimic, output_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import BitImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    model = make_model("dinov2-cls", num_hidden_layers=6)
+    model.save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{index}.png")
+    return folder
+
+
+def test_metric_set_generator_lowers_its_loss():
+    model = make_model("dinov2-cls")
+    model.requires_grad_(False)
+    # No jitter on 32 px images (a 4 px roll is a whole patch for this tiny model); flips still apply.
+    result = generate_metric_set(lambda x: model(pixel_values=x).logits, num_images=10, num_labels=5,
+                                 image_shape=(3, 32, 32), steps=40, lr=0.1, max_shift=0, progress=False)
+    assert len(result.losses) == 40
+    assert sum(result.losses[-5:]) < 0.85 * sum(result.losses[:5])
+    assert result.labels.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    predicted = model(pixel_values=result.pixel_values).logits.argmax(-1)
+    assert (predicted == result.labels).float().mean() >= 0.8
+    flat = torch.ones(1, 3, 8, 8)
+    assert total_variation(flat).item() == 0.0
+
+
+def test_finetuning_lowers_feature_mse_and_only_touches_early_blocks():
+    torch.manual_seed(0)
+    original = make_model("dinov2-cls", num_hidden_layers=6)
+    pixels = torch.randn(16, 3, 32, 32)
+    teacher = output_tokens(original, pixels)
+    student = copy.deepcopy(original)
+    blocks.compress_layer(blocks.encoder_layers(student)[2], 20)
+    untouched = blocks.encoder_layers(student)[4].mlp.fc1.weight.detach().clone()
+    before = feature_mse(student, pixels, teacher)
+    losses = finetune_mimic(student, pixels, teacher, [2], Accelerator(cpu=True), epochs=8, batch_size=8, lr=3e-3)
+    after = feature_mse(student, pixels, teacher)
+    assert len(losses) == 16
+    assert after < 0.7 * before
+    torch.testing.assert_close(blocks.encoder_layers(student)[4].mlp.fc1.weight, untouched)  # past block 3: frozen
+
+
+def _options(model_dir, image_folder, out, **changes) -> CompressOptions:
+    values = dict(model=str(model_dir), data=str(image_folder), num_images=12, target=0.7, out=out,
+                  epochs_per_block=2, trial_epochs=0.5, batch_size=4, lr=3e-4, metric_images=5, metric_steps=5)
+    return CompressOptions(**{**values, **changes})
+
+
+def test_compress_script_hits_the_target_and_saves_a_loadable_model(tiny_model_dir, image_folder, tmp_path):
+    summary = run_compress(_options(tiny_model_dir, image_folder, tmp_path / "run"))
+    model_dir = tmp_path / "run" / "model"
+    loaded = hf_tome.AutoModelForImageClassification.from_pretrained(model_dir).eval()
+    original = hf_tome.AutoModelForImageClassification.from_pretrained(tiny_model_dir).eval()
+    costs_full = hf_tome.compute_report(original).total_macs
+    unit_macs = 2 * 65 * 32
+    achieved = hf_tome.compute_report(loaded).total_macs
+    assert abs(achieved - 0.7 * costs_full) <= unit_macs
+    section = loaded.config.block_compression
+    assert section["method"] == "dc-vit" and section["num_samples"] == 12
+    compressed = {int(k): v for k, v in section["mlp_kept"].items()}
+    assert len(compressed) == 2 and 0 not in compressed and 5 not in compressed
+    assert set(json.loads((tmp_path / "run" / "state" / "progress.json").read_text())["trial_scores"]) == {
+        "1", "2", "3", "4"}
+    mse = summary["feature_mse"]
+    for block in compressed:
+        assert mse[f"{block} after fine-tuning"] < mse[f"{block} before fine-tuning"]
+    assert len(summary["metric_set_losses"]) == 5  # metric-set steps (its loss is tested on its own above)
+    pixels = torch.randn(3, 3, 32, 32)
+    again = hf_tome.AutoModelForImageClassification.from_pretrained(model_dir).eval()
+    torch.testing.assert_close(again(pixel_values=pixels).logits, loaded(pixel_values=pixels).logits)
+    card = (model_dir / "README.md").read_text()
+    assert "DC-ViT" in card and "12 unlabeled images" in card and "| removed |" in card
+
+
+def test_resume_skips_finished_blocks(tiny_model_dir, image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_compress(_options(tiny_model_dir, image_folder, out))
+    progress = out / "state" / "progress.json"
+    state = json.loads(progress.read_text())
+    assert len(state["done"]) == 2
+    # Pretend the run stopped after the first block; the saved state model already has both blocks, so make the
+    # state consistent with one done by reloading from a run that compressed only the first block.
+    first = state["order"][0]
+    state["done"] = [first]
+    losses_first = state["losses"][str(first)]
+    del state["losses"][str(state["order"][1])]
+    progress.write_text(json.dumps(state))
+    blocks_model = hf_tome.AutoModelForImageClassification.from_pretrained(out / "state" / "model")
+    summary = run_compress(_options(tiny_model_dir, image_folder, out, resume=True))
+    assert summary["losses"][str(first)] == losses_first  # not trained again
+    assert str(state["order"][1]) in summary["losses"]
+    assert blocks.compression_of(blocks_model)  # the state model reloads with its blocks
+
+
+def test_drop_method_and_cli(tiny_model_dir, image_folder, tmp_path):
+    assert main(["--model", str(tiny_model_dir), "--data", str(image_folder), "--num-images", "8", "--target", "0.7",
+                 "--method", "drop", "--out", str(tmp_path / "drop"), "--epochs-per-block", "1", "--trial-epochs",
+                 "0.5", "--batch-size", "4", "--metric-images", "5", "--metric-steps", "3"]) == 0
+    loaded = hf_tome.AutoModelForImageClassification.from_pretrained(tmp_path / "drop" / "model")
+    kept = loaded.config.block_compression["mlp_kept"]
+    assert set(kept.values()) == {0} and len(kept) == 2  # round(0.3 * 6 blocks' worth / 1 block) whole blocks
+
+
+def test_bad_target_and_data_are_refused(tiny_model_dir, image_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"outside the range DC-ViT reaches"):
+        run_compress(_options(tiny_model_dir, image_folder, tmp_path / "a", target=0.99))
+    with pytest.raises(ValueError, match=r"num_images=50 is invalid: expected 1..12"):
+        run_compress(_options(tiny_model_dir, image_folder, tmp_path / "b", num_images=50))
+
+
+def test_push_to_hub_uploads_model_and_card(tiny_model_dir, image_folder, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    run_compress(_options(tiny_model_dir, image_folder, tmp_path / "run"))
+    uploaded = {}
+
+    class Repo:
+        repo_id = "me/tiny-dcvit"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: Repo())
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        uploaded.update({path.name: path.read_bytes() for path in Path(folder_path).iterdir()})
+        uploaded["repo_id"] = repo_id
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    model = hf_tome.AutoModelForImageClassification.from_pretrained(tmp_path / "run" / "model")
+    model.push_to_hub("me/tiny-dcvit")
+    assert uploaded["repo_id"] == "me/tiny-dcvit"
+    assert {"config.json", "model.safetensors", "README.md"} <= uploaded.keys()
+    card = uploaded["README.md"].decode()
+    assert "me/tiny-dcvit" in card and "hf-tome" in card and "block_compression" in card
