@@ -168,9 +168,10 @@ def run_compress(options: CompressOptions) -> dict:
     original = _load_model(model_name).to(accelerator.device)
     encoder_layers(original)  # refuses unsupported families before any work
     image_processor = AutoImageProcessor.from_pretrained(model_name)
-    costs = block_costs(original)
-    plan = plan_blocks(costs, options.target, options.method)
     pixels, samples_source = load_unlabeled_pixels(options, image_processor)
+    image_size = tuple(pixels.shape[-2:])  # MACs at the size the image processor produces, not the config's
+    costs = block_costs(original, image_size)
+    plan = plan_blocks(costs, options.target, options.method)
     state_dir = options.out / "state"
     teacher = output_tokens(original, pixels, accelerator=accelerator, description="original features")
     importance = (activation_importance(original, pixels[:64].to(accelerator.device))
@@ -193,11 +194,11 @@ def run_compress(options: CompressOptions) -> dict:
     student = progressive_compress(student.to(accelerator.device), state, pixels, teacher, accelerator, state_dir,
                                    importance, epochs=options.epochs_per_block, batch_size=options.batch_size,
                                    lr=options.lr)
-    report = compute_report(student)
+    report = compute_report(student, image_size)
     full_gmacs = costs.full_macs / 1e9
     details = {"method": options.method, "target": options.target, "base_model": model_name,
                "num_samples": len(pixels), "samples_source": samples_source, "gmacs": report.gmacs,
-               "full_gmacs": full_gmacs, "trial_scores": state.trial_scores}
+               "full_gmacs": full_gmacs, "image_size": list(image_size), "trial_scores": state.trial_scores}
     if options.eval_dataset:
         details["measured"] = _measure(options, original, student, image_processor)
     record_compression(student, **details)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, main_output
+from conftest import main_output, make_model
 
 import hf_tome
 from hf_tome import blocks

@@ -162,3 +162,25 @@ def test_push_to_hub_uploads_model_and_card(tiny_model_dir, image_folder, tmp_pa
     assert {"config.json", "model.safetensors", "README.md"} <= uploaded.keys()
     card = uploaded["README.md"].decode()
     assert "me/tiny-dcvit" in card and "hf-tome" in card and "block_compression" in card
+
+
+def test_model_card_reports_method_budget_samples_accuracy_and_speed():
+    from hf_tome.model_card import render_model_card
+
+    model = make_model("dinov2-cls", num_hidden_layers=6)
+    blocks.compress_layer(blocks.encoder_layers(model)[3], 40)
+    blocks.record_compression(model, method="dc-vit", target=0.75, base_model="facebook/dinov2-small",
+                              num_samples=500, samples_source="fashion-mnist, split 'train'", gmacs=4.59,
+                              full_gmacs=6.12, measured={"accuracy": 0.7812, "original_accuracy": 0.812,
+                                                         "images_per_s": 31.5, "original_images_per_s": 24.0,
+                                                         "eval_dataset": "fashion-mnist", "eval_images": 2000})
+    card = str(render_model_card(model, repo_id="me/dinov2-small-dcvit"))
+    assert "base_model: facebook/dinov2-small" in card
+    assert "DC-ViT (dense few-shot block compression)" in card
+    assert "**75.0%** of its MACs" in card and "4.590 GMACs per image instead of 6.120" in card
+    assert "**500 unlabeled images** (fashion-mnist, split 'train')" in card
+    assert "| accuracy | 78.12% | 81.20% |" in card and "| images/s | 31.5 | 24.0 |" in card
+    assert "| 3 | removed | 40 |" in card and "| 2 | kept | all |" in card
+    uncompressed = make_model("vit-cls")
+    with pytest.raises(ValueError, match=r"model has no config.block_compression: expected a model saved by hf-tome"):
+        render_model_card(uncompressed)
