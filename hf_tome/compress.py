@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .accel import make_accelerator
 from .block_budget import block_costs, plan_blocks
 from .blocks import CONFIG_KEY, encoder_layers, record_compression, split_units
 from .dcvit import (
@@ -155,7 +156,7 @@ def run_compress(options: CompressOptions) -> dict:
     """Run the whole compression; returns the summary also written to ``options.out/compress.json``."""
     from transformers import AutoImageProcessor
 
-    accelerator = Accelerator(mixed_precision=options.mixed_precision) if options.mixed_precision else Accelerator()
+    accelerator = make_accelerator(**({"mixed_precision": options.mixed_precision} if options.mixed_precision else {}))
     started = time.perf_counter()
     torch.manual_seed(options.seed)
     if options.model is None:

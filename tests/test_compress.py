@@ -184,3 +184,25 @@ def test_model_card_reports_method_budget_samples_accuracy_and_speed():
     uncompressed = make_model("vit-cls")
     with pytest.raises(ValueError, match=r"model has no config.block_compression: expected a model saved by hf-tome"):
         render_model_card(uncompressed)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_processes_gives_the_same_architecture(tiny_model_dir, image_folder, tmp_path):
+    """Two gloo processes (data-parallel fine-tuning, bf16 autocast) write one model that hits the same target."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+               "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "hf_tome.compress",
+               "--model", str(tiny_model_dir), "--data", str(image_folder), "--num-images", "12", "--target", "0.7",
+               "--out", str(tmp_path / "ddp"), "--batch-size", "4", "--metric-images", "5", "--metric-steps", "3",
+               "--trial-epochs", "0.5", "--epochs-per-block", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("compressed ") == 1  # only the main process reports and saves
+    loaded = hf_tome.AutoModelForImageClassification.from_pretrained(tmp_path / "ddp" / "model")
+    original = hf_tome.AutoModelForImageClassification.from_pretrained(tiny_model_dir)
+    target = 0.7 * hf_tome.compute_report(original).total_macs
+    assert abs(hf_tome.compute_report(loaded).total_macs - target) <= 2 * 65 * 32
