@@ -9,7 +9,7 @@
 
 Prints a markdown table and writes ``results/search_vs_tome.json`` and ``results/search_vs_tome.png``.
 
-    python benchmarks/search_vs_tome.py --candidates 600 --test-images 1500
+    OMP_NUM_THREADS=1 python benchmarks/search_vs_tome.py --threads 1
 """
 
 from __future__ import annotations
@@ -27,15 +27,20 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a folder with a budget table (skips the search)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.55])
-    parser.add_argument("--candidates", type=int, default=600)
-    parser.add_argument("--search-images", type=int, default=512)
-    parser.add_argument("--val-images", type=int, default=500)
-    parser.add_argument("--stage-images", type=int, nargs="+", default=[64, 192, 512])
+    parser.add_argument("--method", default="random", choices=["random", "diffrate"])
+    parser.add_argument("--candidates", type=int, default=1000)
+    parser.add_argument("--search-images", type=int, default=1024)
+    parser.add_argument("--val-images", type=int, default=256)
+    parser.add_argument("--stage-images", type=int, nargs="+", default=[16, 96, 1024])
     parser.add_argument("--keep", type=float, default=0.1)
-    parser.add_argument("--test-images", type=int, default=1500)
+    parser.add_argument("--shaped", type=float, default=0.75, help="fraction of ToMe-like shaped candidates")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="only plot these runs' search_vs_tome.json together (into --out) and exit")
     parser.add_argument("--neighbours", action="store_true", help="also run the next r (fewer MACs) for the plot")
     return parser.parse_args()
 
@@ -61,10 +66,16 @@ def main() -> None:
     from hf_tome.search_space import SearchSpace
 
     args = parse_args()
+    if args.replot:
+        replot(args.replot, args.out / "search_vs_tome.png")
+        return
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     search_payload = None
     if args.model is None:
-        options = SearchOptions(targets=args.targets, candidates=args.candidates, search_images=args.search_images,
-                                val_images=args.val_images, stage_images=args.stage_images, keep=args.keep,
+        options = SearchOptions(targets=args.targets, method=args.method, candidates=args.candidates,
+                                search_images=args.search_images, val_images=args.val_images,
+                                stage_images=args.stage_images, keep=args.keep, shaped=args.shaped,
                                 batch_size=args.batch_size, dtype=args.dtype, out=args.out / "search",
                                 baseline=False)
         search_payload = run_search(options)
@@ -142,18 +153,22 @@ def main() -> None:
     print(f"wrote {args.out / 'search_vs_tome.json'} and {args.out / 'search_vs_tome.png'}")
 
 
-def plot(results: list[dict], full: float, path: Path, images: int) -> None:
+def plot(results: list[dict], full: float, path: Path, images: int,
+         others: dict[str, list[dict]] | None = None, label: str = "prune + merge, searched rates") -> None:
+    """Accuracy against GMACs: the searched rows, constant-r ToMe and the full model; ``others`` adds the
+    searched rows of further runs on the same test images (label -> their results)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    searched = sorted([r for r in results if r["name"] != "full" and r["r"] is None], key=lambda r: r["gflops"])
     tome = sorted([r for r in results if r["r"] is not None], key=lambda r: r["gflops"])
     base = next(r for r in results if r["name"] == "full")
-    axis.plot([r["gflops"] for r in searched], [100 * r["accuracy"] for r in searched], "o-",
-              label="prune + merge, searched rates")
+    series = {label: results, **(others or {})}
+    for (name, rows), marker in zip(series.items(), ("o-", "^-", "v-", "D-"), strict=False):
+        searched = sorted([r for r in rows if r["name"] != "full" and r["r"] is None], key=lambda r: r["gflops"])
+        axis.plot([r["gflops"] for r in searched], [100 * r["accuracy"] for r in searched], marker, label=name)
     axis.plot([r["gflops"] for r in tome], [100 * r["accuracy"] for r in tome], "s--", label="ToMe, constant r")
     axis.plot([base["gflops"]], [100 * base["accuracy"]], "k*", markersize=10, label="full model")
     for row in tome:
@@ -168,6 +183,22 @@ def plot(results: list[dict], full: float, path: Path, images: int) -> None:
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
+
+def replot(paths: list[Path], out: Path) -> None:
+    """One plot from several runs' ``search_vs_tome.json`` (the first gives ToMe and the full model)."""
+    payloads = [json.loads(Path(path).read_text()) for path in paths]
+    if len({payload["test_images"] for payload in payloads}) != 1:
+        raise ValueError("the runs were measured on different numbers of test images: expected the same")
+
+    def label(payload: dict) -> str:
+        method = ((payload.get("search") or {}).get("options") or {}).get("method", "random")
+        return f"prune + merge, {method} search"
+
+    first = payloads[0]
+    others = {label(payload): payload["results"] for payload in payloads[1:]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(first["results"], first["full_gflops"], out, first["test_images"], others, label(first))
+    print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()

@@ -43,6 +43,7 @@ class SearchOptions:
     val_images: int = 1000
     stage_images: list[int] = field(default_factory=lambda: [64, 256, 1024])
     keep: float = 0.1
+    shaped: float = 0.75
     batch_size: int = 64
     dtype: str = "auto"
     seed: int = 0
@@ -164,7 +165,7 @@ def run_search(options: SearchOptions) -> dict:
     searcher = CachedEvaluator(model, search_set, processor, accelerator, dtype, options.batch_size)
     log: dict = {}
     if options.method == "random":
-        candidates = sample_candidates(space, targets, options.candidates, options.seed)
+        candidates = sample_candidates(space, targets, options.candidates, options.seed, shaped=options.shaped)
         best, search_accuracy, log["stages"] = staged_random_search(searcher, candidates, stage_images, options.keep,
                                                                     accelerator)
     elif options.method == "diffrate":
@@ -312,6 +313,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage-images", type=int, nargs="+", default=defaults.stage_images,
                         help="images per evaluation stage (growing); the last stage picks each bucket's best")
     parser.add_argument("--keep", type=float, default=defaults.keep, help="fraction of each bucket kept per stage")
+    parser.add_argument("--shaped", type=float, default=defaults.shaped, help="fraction of the random candidates "
+                        "drawn with ToMe-like shapes and small prune shares (the rest: any non-increasing profile)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=defaults.seed)
