@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--epochs-per-block", type=float, default=2.0)
+    parser.add_argument("--final-epochs", type=float, default=0.0)
+    parser.add_argument("--resume", action="store_true", help="continue the runs in --out (e.g. with --final-epochs)")
     parser.add_argument("--trial-epochs", type=float, default=0.25)
     parser.add_argument("--metric-images", type=int, default=32)
     parser.add_argument("--metric-steps", type=int, default=40)
@@ -73,6 +75,7 @@ def main() -> None:
             summary = run_compress(CompressOptions(
                 target=args.target, method=method, num_images=args.num_images, out=out,
                 epochs_per_block=args.epochs_per_block, trial_epochs=args.trial_epochs,
+                final_epochs=args.final_epochs, resume=args.resume,
                 metric_images=args.metric_images, metric_steps=args.metric_steps,
                 mixed_precision=args.mixed_precision))
             summary["wall_seconds"] = time.perf_counter() - start

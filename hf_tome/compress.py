@@ -31,6 +31,7 @@ from .dcvit import (
     CompressionState,
     activation_importance,
     divergence_scorer,
+    final_finetune,
     progressive_compress,
     trial_blocks,
 )
@@ -53,6 +54,7 @@ class CompressOptions:
     out: Path = Path("results/compress")
     resume: bool = False
     epochs_per_block: float = 2.0
+    final_epochs: float = 0.0
     trial_epochs: float = 0.25
     batch_size: int = 16
     lr: float = 3e-5
@@ -195,6 +197,8 @@ def run_compress(options: CompressOptions) -> dict:
     student = progressive_compress(student.to(accelerator.device), state, pixels, teacher, accelerator, state_dir,
                                    importance, epochs=options.epochs_per_block, batch_size=options.batch_size,
                                    lr=options.lr)
+    student = final_finetune(student, state, pixels, teacher, accelerator, state_dir, options.final_epochs,
+                             batch_size=options.batch_size, lr=options.lr)
     report = compute_report(student, image_size)
     full_gmacs = costs.full_macs / 1e9
     details = {"method": options.method, "target": options.target, "base_model": model_name,
@@ -239,6 +243,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=defaults.out, help="output folder (model/, state/, compress.json)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/state")
     parser.add_argument("--epochs-per-block", type=float, default=defaults.epochs_per_block)
+    parser.add_argument("--final-epochs", type=float, default=defaults.final_epochs,
+                        help="more feature mimicking once every block is compressed (all of them trainable)")
     parser.add_argument("--trial-epochs", type=float, default=defaults.trial_epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)

@@ -135,6 +135,23 @@ def progressive_compress(
     return student
 
 
+def final_finetune(student: nn.Module, state: CompressionState, pixel_values: torch.Tensor,
+                   teacher_tokens: torch.Tensor, accelerator: Accelerator, state_dir: Path, epochs: float,
+                   batch_size: int = 16, lr: float = 3e-5) -> nn.Module:
+    """Once every block is compressed, ``epochs`` more of feature mimicking (once: a resumed run skips it)."""
+    if epochs <= 0 or "final" in state.losses:
+        return student
+    state.losses["final"] = finetune_mimic(student, pixel_values, teacher_tokens, state.done, accelerator,
+                                           epochs=epochs, batch_size=batch_size, lr=lr, description="final")
+    state.feature_mse["final"] = feature_mse(student, pixel_values, teacher_tokens, accelerator=accelerator)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(student).save_pretrained(state_dir / STATE_MODEL)
+        state.save(state_dir)
+    accelerator.wait_for_everyone()
+    return student
+
+
 def divergence_scorer(original: nn.Module, metric_pixels: torch.Tensor,
                       accelerator: Accelerator) -> Callable[[nn.Module], float]:
     """Block-trial score: KL divergence of a student's class predictions from ``original``'s on the metric set."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -144,16 +143,13 @@ def _load(options: SearchOptions, accelerator):
 
 def run_search(options: SearchOptions) -> dict:
     """Run the search end to end; returns the JSON payload (also written to ``options.out/search.json``)."""
-    from accelerate import Accelerator
-
+    from .accel import make_accelerator
     from .adapters.registry import find_adapter
     from .evaluation import resolve_dtype
     from .search_eval import CachedEvaluator
 
     started = time.perf_counter()
-    # Several processes without GPUs (torchrun, `accelerate launch --multi_gpu`) only form a gloo group with cpu=True.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(cpu=options.cpu or (launched and not torch.cuda.is_available()))
+    accelerator = make_accelerator(cpu=options.cpu)
     model_name, model, processor, search_set, val_set, base = _load(options, accelerator)
     probe = processor(images=search_set[0]["image"].convert("RGB"), return_tensors="pt")["pixel_values"]
     image_size = tuple(int(v) for v in probe.shape[-2:])
