@@ -208,3 +208,14 @@ def test_accelerate_launch_with_two_processes_gives_the_same_architecture(tiny_m
     original = hf_tome.AutoModelForImageClassification.from_pretrained(tiny_model_dir)
     target = 0.7 * hf_tome.compute_report(original).total_macs
     assert abs(hf_tome.compute_report(loaded).total_macs - target) <= 2 * 65 * 32
+
+
+def test_hf_tome_cli_has_the_compress_subcommand():
+    from hf_tome.cli import build_parser
+    from hf_tome.compress import options_from_args
+
+    args = build_parser().parse_args(["compress", "--target", "0.6", "--method", "drop", "--num-images", "50",
+                                      "--final-epochs", "2", "--resume", "--push-to-hub", "me/model"])
+    options = options_from_args(args)
+    assert (options.target, options.method, options.num_images, options.final_epochs) == (0.6, "drop", 50, 2.0)
+    assert options.resume and options.push_to_hub == "me/model" and options.model is None
