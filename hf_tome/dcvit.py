@@ -72,6 +72,15 @@ class CompressionState:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
+def save_state(student: nn.Module, state: CompressionState, accelerator: Accelerator, state_dir: Path) -> None:
+    """Save the student and the progress from the main process, with every process in step."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(student).save_pretrained(state_dir / STATE_MODEL)
+        state.save(state_dir)
+    accelerator.wait_for_everyone()
+
+
 def trial_blocks(
     original: nn.Module,
     candidates: list[int],
@@ -127,11 +136,7 @@ def progressive_compress(
         state.losses[str(block)] = losses
         state.feature_mse[f"{block} after fine-tuning"] = feature_mse(student, pixel_values, teacher_tokens,
                                                                      accelerator=accelerator)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(student).save_pretrained(state_dir / STATE_MODEL)
-            state.save(state_dir)
-        accelerator.wait_for_everyone()
+        save_state(student, state, accelerator, state_dir)
     return student
 
 
@@ -144,11 +149,7 @@ def final_finetune(student: nn.Module, state: CompressionState, pixel_values: to
     state.losses["final"] = finetune_mimic(student, pixel_values, teacher_tokens, state.done, accelerator,
                                            epochs=epochs, batch_size=batch_size, lr=lr, description="final")
     state.feature_mse["final"] = feature_mse(student, pixel_values, teacher_tokens, accelerator=accelerator)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(student).save_pretrained(state_dir / STATE_MODEL)
-        state.save(state_dir)
-    accelerator.wait_for_everyone()
+    save_state(student, state, accelerator, state_dir)
     return student
 
 
