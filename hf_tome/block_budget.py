@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .adapters.registry import find_adapter
-from .flops import compute_report
+from .flops import block_macs, encoder_report
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,9 @@ def block_costs(model: nn.Module, image_size: tuple[int, int] | None = None) -> 
     """Costs of ``model``'s blocks before any compression or token reduction (uniform blocks assumed)."""
     shape = find_adapter(model).encoder_shape(model, image_size)
     tokens, width = shape.num_patches + shape.protected, shape.hidden_size
-    report = compute_report(model, image_size)
-    full = report.embedding_macs + report.head_macs + shape.num_layers * (
-        4 * tokens * width**2 + 2 * tokens**2 * width + 2 * tokens * width * shape.intermediate_size)
-    return BlockCosts(attention_macs=4 * tokens * width**2 + 2 * tokens**2 * width, unit_macs=2 * tokens * width,
+    full = encoder_report(shape, [tokens] * shape.num_layers).total_macs
+    return BlockCosts(attention_macs=block_macs(width, 0, tokens, tokens),
+                      unit_macs=block_macs(width, 1, tokens, tokens, attention=False),
                       mlp_units=shape.intermediate_size, full_macs=full, num_layers=shape.num_layers)
 
 

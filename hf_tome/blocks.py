@@ -51,12 +51,16 @@ class RemovedMLP(nn.Module):
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a ViT, DeiT or Dinov2 model (base model or with a head)."""
+    """The transformer blocks of a ViT, DeiT or Dinov2 model (base model or with a head).
+
+    Looked up by attribute, not through the adapter registry: ``from_pretrained`` rebuilds the blocks on a
+    subclass of the stock model class, which the registry (exact classes only) does not know.
+    """
     base = model.base_model
     layers = getattr(base, "layers", None)
     if layers is None and hasattr(base, "encoder"):
         layers = getattr(base.encoder, "layer", None)
-    if layers is None or not layers or _attention_norm_name(layers[0]) is None:
+    if not layers or _attention_norm_name(layers[0]) is None:
         raise ValueError(f"block compression does not support {type(model).__name__}: expected a model of the "
                          f"{SUPPORTED_BLOCK_FAMILIES} families")
     return layers
@@ -126,7 +130,15 @@ def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
 
 
 def compression_of(model: nn.Module) -> dict[int, int]:
-    """``{layer index: kept MLP units}`` for every compressed block of ``model`` (empty when none)."""
+    """``{layer index: kept MLP units}`` for every compressed block of ``model`` (empty when none).
+
+    The modules are the truth; only models whose config says they were compressed are inspected, so this is free
+    (and safe) for every other family.
+    """
+    return _compressed_modules(model) if getattr(model.config, CONFIG_KEY, None) else {}
+
+
+def _compressed_modules(model: nn.Module) -> dict[int, int]:
     return {index: mlp_width(layer) for index, layer in enumerate(encoder_layers(model)) if not has_attention(layer)}
 
 
@@ -134,7 +146,7 @@ def record_compression(model: nn.Module, **details: Any) -> dict[str, Any]:
     """Write the model's current block compression (and ``details`` such as method, budget) into its config."""
     previous = dict(getattr(model.config, CONFIG_KEY, None) or {})
     previous.update(details)
-    previous["mlp_kept"] = {str(index): units for index, units in sorted(compression_of(model).items())}
+    previous["mlp_kept"] = {str(index): units for index, units in sorted(_compressed_modules(model).items())}
     setattr(model.config, CONFIG_KEY, previous)
     return previous
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .adapters.registry import EncoderShape, find_adapter
+from .blocks import compression_of
 from .schedule import kept_tokens_per_layer, tokens_per_layer
 
 
@@ -79,11 +80,4 @@ def compute_report(model: nn.Module, image_size: tuple[int, int] | None = None) 
     else:
         schedule = plan.layer_r if plan is not None else [0] * shape.num_layers
         counts = tokens_per_layer(num_tokens, schedule, shape.protected)
-    return encoder_report(shape, counts[1:], _compressed_layers(model))
-
-
-def _compressed_layers(model: nn.Module) -> dict[int, int]:
-    from .blocks import CONFIG_KEY, compression_of
-
-    # The modules are the truth; only models whose config says they were compressed are inspected.
-    return compression_of(model) if getattr(model.config, CONFIG_KEY, None) else {}
+    return encoder_report(shape, counts[1:], compression_of(model))

@@ -15,6 +15,7 @@ from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .adapters.common import ReductionPlan
 from .adapters.registry import find_adapter
+from .blocks import compression_of
 from .budget import resolve_budget
 from .config import ToMeConfig
 from .schedule import merge_schedule
@@ -41,19 +42,13 @@ def build_plan(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
         _check_kept_against_model(config, num_layers, protected)
     # Blocks compressed by DC-ViT have no attention, hence no keys or class attention: they reduce nothing and
     # the token count carries through them.
-    for index in _attention_free_layers(model):
+    for index in sorted(compression_of(model)):
         layer_r[index] = 0
         if prune_kept is not None and index > 0:
             prune_kept, merge_kept = list(prune_kept), list(merge_kept)
             prune_kept[index] = merge_kept[index] = merge_kept[index - 1]
     return ReductionPlan(layer_r=layer_r, protected=protected, prop_attn=config.prop_attn,
                          trace_source=config.trace_source, prune_kept=prune_kept, merge_kept=merge_kept)
-
-
-def _attention_free_layers(model: nn.Module) -> list[int]:
-    from .blocks import CONFIG_KEY, compression_of
-
-    return sorted(compression_of(model)) if getattr(model.config, CONFIG_KEY, None) else []
 
 
 def _check_kept_against_model(config: ToMeConfig, num_layers: int, protected: int) -> None:
