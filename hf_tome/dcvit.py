@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import compress_layer, encoder_layers, mlp_width, record_compression, unit_importance
-from .mimic import feature_mse, finetune_mimic, prediction_divergence
+from .mimic import class_log_probs, feature_mse, finetune_mimic, prediction_divergence
 
 STATE_FILE = "progress.json"
 STATE_MODEL = "model"
@@ -156,10 +156,5 @@ def final_finetune(student: nn.Module, state: CompressionState, pixel_values: to
 def divergence_scorer(original: nn.Module, metric_pixels: torch.Tensor,
                       accelerator: Accelerator) -> Callable[[nn.Module], float]:
     """Block-trial score: KL divergence of a student's class predictions from ``original``'s on the metric set."""
-    with torch.inference_mode(), accelerator.autocast():
-        device = accelerator.device
-        reference = torch.cat([
-            original(pixel_values=metric_pixels[start:start + 32].to(device)).logits.float().log_softmax(-1).cpu()
-            for start in range(0, len(metric_pixels), 32)
-        ])
+    reference = class_log_probs(original, metric_pixels, accelerator=accelerator)
     return lambda student: prediction_divergence(student, metric_pixels, reference, accelerator=accelerator)

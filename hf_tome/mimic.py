@@ -7,7 +7,7 @@ cosine schedule. Runs through an ``accelerate.Accelerator`` (mixed precision, se
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +32,33 @@ class OutputTokens(nn.Module):
 
 
 @torch.inference_mode()
-def output_tokens(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 32,
-                  accelerator: Accelerator | None = None, description: str | None = None) -> torch.Tensor:
-    """Output tokens [N, T, C] of ``model``'s base model for every image (float32, on the CPU)."""
+def batched_outputs(model: nn.Module, read: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                    pixel_values: torch.Tensor, batch_size: int = 32, accelerator: Accelerator | None = None,
+                    description: str | None = None) -> torch.Tensor:
+    """``read(model, batch)`` for every batch of images, in eval mode (and the accelerator's autocast), as float32
+    on the CPU, concatenated."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     model.eval()
     chunks = []
     for start in tqdm(range(0, len(pixel_values), batch_size), desc=description, disable=description is None):
         batch = pixel_values[start:start + batch_size].to(device)
         with accelerator.autocast() if accelerator is not None else torch.autocast(device.type, enabled=False):
-            chunks.append(model.base_model(pixel_values=batch).last_hidden_state.float().cpu())
+            chunks.append(read(model, batch).float().cpu())
     return torch.cat(chunks)
+
+
+def output_tokens(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 32,
+                  accelerator: Accelerator | None = None, description: str | None = None) -> torch.Tensor:
+    """Output tokens [N, T, C] of ``model``'s base model for every image (float32, on the CPU)."""
+    return batched_outputs(model, lambda m, batch: m.base_model(pixel_values=batch).last_hidden_state, pixel_values,
+                           batch_size, accelerator, description)
+
+
+def class_log_probs(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 32,
+                    accelerator: Accelerator | None = None) -> torch.Tensor:
+    """Log-probabilities [N, classes] of ``model``'s class predictions for every image (float32, on the CPU)."""
+    return batched_outputs(model, lambda m, batch: m(pixel_values=batch).logits.float().log_softmax(-1),
+                           pixel_values, batch_size, accelerator)
 
 
 def feature_mse(model: nn.Module, pixel_values: torch.Tensor, teacher_tokens: torch.Tensor, batch_size: int = 32,
@@ -105,17 +121,8 @@ def finetune_mimic(model: nn.Module, pixel_values: torch.Tensor, teacher_tokens:
     return losses
 
 
-@torch.inference_mode()
 def prediction_divergence(model: nn.Module, pixel_values: torch.Tensor, reference_log_probs: torch.Tensor,
                           batch_size: int = 32, accelerator: Accelerator | None = None) -> float:
     """KL(reference || model) of the class predictions, averaged over the images (the block-trial score)."""
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    model.eval()
-    total = 0.0
-    for start in range(0, len(pixel_values), batch_size):
-        batch = pixel_values[start:start + batch_size].to(device)
-        with accelerator.autocast() if accelerator is not None else torch.autocast(device.type, enabled=False):
-            log_probs = model(pixel_values=batch).logits.float().log_softmax(-1).cpu()
-        reference = reference_log_probs[start:start + batch_size]
-        total += F.kl_div(log_probs, reference, log_target=True, reduction="sum").item()
-    return total / len(pixel_values)
+    log_probs = class_log_probs(model, pixel_values, batch_size, accelerator)
+    return F.kl_div(log_probs, reference_log_probs, log_target=True, reduction="batchmean").item()
