@@ -75,32 +75,16 @@ def load_unlabeled_pixels(options: CompressOptions, image_processor) -> tuple[to
     ``data``: ``fashion-mnist``, a folder of image files, a ``Dataset.save_to_disk`` folder or a Hub dataset id.
     Labels, if any, are ignored.
     """
-    import datasets
+    from .bench import load_eval_dataset
+    from .evaluation import pixel_batches
 
-    source = Path(options.data)
-    if options.data == "fashion-mnist":
-        from .assets.fashion_mnist import load_fashion_mnist
-
-        dataset = load_fashion_mnist(options.split)
-    elif source.is_dir() and not any((source / name).exists() for name in ("dataset_info.json", "dataset_dict.json",
-                                                                           "state.json")):
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(source), split="train")
-    elif source.is_dir():
-        loaded = datasets.load_from_disk(str(source))
-        dataset = loaded[options.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    else:
-        dataset = datasets.load_dataset(options.data, split=options.split)
-    if options.image_column not in dataset.column_names:
-        raise ValueError(f"data {options.data!r} has no column {options.image_column!r}: found {dataset.column_names}")
+    dataset = load_eval_dataset(options.data, options.split, None, columns=(options.image_column,))
     if not 1 <= options.num_images <= len(dataset):
         raise ValueError(f"num_images={options.num_images} is invalid: expected 1..{len(dataset)} (the rows of "
                          f"{options.data!r})")
     rows = dataset.shuffle(seed=options.seed).select(range(options.num_images))
-    chunks = []
-    for start in range(0, len(rows), 64):
-        images = [image.convert("RGB") for image in rows[start:start + 64][options.image_column]]
-        chunks.append(image_processor(images=images, return_tensors="pt")["pixel_values"])
-    return torch.cat(chunks), f"{options.data}, split {options.split!r}, seed {options.seed}"
+    batches = pixel_batches(rows, image_processor, 64, options.image_column, label_column=None)
+    return torch.cat([pixels for pixels, _ in batches]), f"{options.data}, split {options.split!r}, seed {options.seed}"
 
 
 def _load_model(name: str) -> nn.Module:

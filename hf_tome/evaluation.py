@@ -38,15 +38,18 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str = "cpu") -
 
 
 def pixel_batches(dataset, image_processor, batch_size: int, image_column: str = "image",
-                  label_column: str = "label") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(pixel_values, labels)`` batches, preprocessing each batch with ``image_processor``."""
+                  label_column: str | None = "label") -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield ``(pixel_values, labels)`` batches, preprocessing each batch with ``image_processor``.
+
+    ``label_column`` None reads unlabeled images (labels are then None).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid: expected a positive integer")
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start : start + batch_size]
         images = [image.convert("RGB") for image in rows[image_column]]
         pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        yield pixel_values, torch.as_tensor(rows[label_column])
+        yield pixel_values, torch.as_tensor(rows[label_column]) if label_column is not None else None
 
 
 @dataclass
