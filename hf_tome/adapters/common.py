@@ -140,6 +140,21 @@ def proportional_attention_mask(
     return size.log().to(dtype)[:, None, None, :, 0]
 
 
+def _start_tracking(
+    hidden: torch.Tensor, size: torch.Tensor | None, positions: torch.Tensor | None, source: torch.Tensor | None,
+    trace_source: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sizes, positions (and sources, when traced) of a sequence about to be reduced for the first time."""
+    batch, num_tokens, _ = hidden.shape
+    if size is None:
+        size = hidden.new_ones(batch, num_tokens, 1)
+    if positions is None:
+        positions = initial_positions(batch, num_tokens, hidden.device)
+    if trace_source and source is None:
+        source = torch.eye(num_tokens, dtype=hidden.dtype, device=hidden.device).expand(batch, -1, -1)
+    return size, positions, source
+
+
 def reduce_tokens(
     hidden: torch.Tensor,
     metric: torch.Tensor | None,
@@ -151,17 +166,12 @@ def reduce_tokens(
     trace_source: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Merge ``r`` tokens of ``hidden`` (size-weighted) and carry sizes, positions and sources along."""
-    batch, num_tokens, _ = hidden.shape
+    num_tokens = hidden.shape[1]
     r = clamp_r(r, num_tokens, protected)
     if r == 0 or metric is None:
         return hidden, size, positions, source
     matching = bipartite_soft_matching(metric, r, protected)
-    if size is None:
-        size = hidden.new_ones(batch, num_tokens, 1)
-    if positions is None:
-        positions = initial_positions(batch, num_tokens, hidden.device)
-    if trace_source and source is None:
-        source = torch.eye(num_tokens, dtype=hidden.dtype, device=hidden.device).expand(batch, -1, -1)
+    size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)
     hidden, size = merge_weighted(matching, hidden, size)
     positions = matching.new_positions(num_tokens).gather(1, positions)
     if source is not None:
@@ -196,17 +206,12 @@ def prune_merge_tokens(
     held by no token in ``source``; ``positions`` sends them to their most similar kept token, so unmerging
     still fills the whole grid.
     """
-    batch, num_tokens, _ = hidden.shape
+    num_tokens = hidden.shape[1]
     prune_kept, merge_kept = effective_kept(num_tokens, prune_kept, merge_kept)
     if merge_kept == num_tokens:
         return hidden, size, positions, source
     step = prune_and_merge(class_scores, metric, prune_kept, merge_kept, protected)
-    if size is None:
-        size = hidden.new_ones(batch, num_tokens, 1)
-    if positions is None:
-        positions = initial_positions(batch, num_tokens, hidden.device)
-    if trace_source and source is None:
-        source = torch.eye(num_tokens, dtype=hidden.dtype, device=hidden.device).expand(batch, -1, -1)
+    size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)
     merged_size = step.merge(size)
     hidden = step.merge(hidden * size) / merged_size
     positions = step.new_positions(num_tokens).gather(1, positions)
