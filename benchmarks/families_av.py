@@ -110,8 +110,7 @@ def macs_table() -> dict[str, dict[str, dict]]:
         table[family] = {}
         for name, kwargs in settings.items():
             if kwargs is None:
-                if hf_tome.is_patched(model):
-                    hf_tome.remove(model)
+                hf_tome.remove(model)
             else:
                 hf_tome.apply(model, hf_tome.ToMeConfig(**kwargs))
             report = hf_tome.compute_report(model)

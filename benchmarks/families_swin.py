@@ -58,8 +58,7 @@ def _print_macs() -> None:
         model = swin_tiny()
     for name, kwargs in SWIN_SETTINGS.items():
         if kwargs is None:
-            if hf_tome.is_patched(model):
-                hf_tome.remove(model)
+            hf_tome.remove(model)
         else:
             hf_tome.apply(model, hf_tome.ToMeConfig(**kwargs))
         report = hf_tome.compute_report(model)

@@ -81,8 +81,7 @@ def measure(model: torch.nn.Module, inputs: torch.Tensor, settings: dict[str, di
 
 def _configure(model: torch.nn.Module, config: hf_tome.ToMeConfig | None) -> None:
     if config is None:
-        if hf_tome.is_patched(model):
-            hf_tome.remove(model)
+        hf_tome.remove(model)
     else:
         hf_tome.apply(model, config)
 

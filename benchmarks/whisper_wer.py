@@ -44,8 +44,7 @@ def r_for_target(model: torch.nn.Module, target: float, inflect: float) -> int:
 
 def configure(model: torch.nn.Module, config: hf_tome.ToMeConfig | None) -> None:
     if config is None:
-        if hf_tome.is_patched(model):
-            hf_tome.remove(model)
+        hf_tome.remove(model)
     else:
         hf_tome.apply(model, config)
 

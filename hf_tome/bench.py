@@ -82,8 +82,6 @@ def run_sweep(model: nn.Module, dataset, image_processor, settings: dict[str, in
               if len(dataset) <= MAX_CACHED_IMAGES else None)
     for name, r in settings.items():
         if r is None:
-            if is_patched(model):
-                remove(model)
             apply(model, ToMeConfig(r=0))
             report = compute_report(model, image_size)  # r=0 is the unpatched encoder's count, for the table
             remove(model)
@@ -99,8 +97,7 @@ def run_sweep(model: nn.Module, dataset, image_processor, settings: dict[str, in
         row.macs_reduction = base.gmacs / row.gmacs
         row.speedup = row.images_per_s / base.images_per_s
         row.accuracy_drop_points = 100 * (base.accuracy - row.accuracy)
-    if is_patched(model):
-        remove(model)
+    remove(model)
     return rows
 
 
@@ -241,8 +238,7 @@ def run_bench_job(options: BenchOptions) -> dict:
     else:
         model_name, is_default = options.model, False
     model = AutoModelForImageClassification.from_pretrained(model_name).eval()
-    if is_patched(model):
-        remove(model)  # the sweep sets r itself; row 0 is the stock model
+    remove(model)  # the sweep sets r itself; row 0 is the stock model
     image_processor = AutoImageProcessor.from_pretrained(model_name)
     dataset = load_eval_dataset(options.dataset, options.split, options.limit)
     dtype = resolve_dtype(options.dtype)

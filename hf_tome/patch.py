@@ -95,7 +95,10 @@ def apply(model: nn.Module, config: ToMeConfig | None = None, **overrides: Any) 
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply`: restore the original classes (and forward) and drop ``config.tome``."""
+    """Undo :func:`apply`: restore the original classes (and forward) and drop ``config.tome``.
+
+    Safe on a model that is not patched (nothing to restore), so callers need no ``is_patched`` check first.
+    """
     adapter = find_adapter(model)
     loop_module = adapter.loop_module(model)
     for module in model.modules():

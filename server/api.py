@@ -48,8 +48,7 @@ class ImageClassificationAPI(ls.LitAPI):
         self.device = torch.device(device)
         self.dtype = resolve_dtype(self.dtype_name, self.device)
         self.model = hf_tome.AutoModelForImageClassification.from_pretrained(self.model_name).eval()
-        if hf_tome.is_patched(self.model):
-            hf_tome.remove(self.model)
+        hf_tome.remove(self.model)
         self.processor = AutoImageProcessor.from_pretrained(self.model_name)
         probe = self.processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
         self.budgets: dict[str, Budget] = parse_budgets(self.model, self.budget_specs, tuple(probe.shape[-2:]))

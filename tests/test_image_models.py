@@ -100,6 +100,10 @@ def test_remove_restores_original_forward(name, pixels):
     assert {n: type(m) for n, m in model.named_modules()} == stock_classes
     assert not hasattr(model.config, "tome")
     assert torch.equal(restored, reference)
+    hf_tome.remove(model)  # removing again (an unpatched model) changes nothing
+    assert {n: type(m) for n, m in model.named_modules()} == stock_classes
+    with torch.no_grad():
+        assert torch.equal(main_output(model(pixels)), reference)
 
 
 @pytest.mark.parametrize("name", ["vit-cls", "deit-teacher", "dinov2-reg-cls"])
