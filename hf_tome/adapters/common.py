@@ -250,8 +250,20 @@ def reduce_layer_tokens(
 
 
 class PreNormReduceLayerMixin:
-    """Forward of a ViT-style pre-norm layer (``layernorm_before``/``layernorm_after``, ``attention``, ``mlp``,
-    ``dropout``) with the token reduction between attention and MLP: ViT, DeiT, AST and ViViT share it."""
+    """Forward of a pre-norm layer with the token reduction between attention and MLP.
+
+    The defaults fit the ViT layout (``layernorm_before``/``layernorm_after``, ``attention``, ``mlp``, ``dropout``:
+    ViT, DeiT, AST and ViViT); a family with other names or layer scales (Dinov2) overrides the three branch hooks.
+    """
+
+    def _attention_input(self, hidden_states):
+        return self.layernorm_before(hidden_states)
+
+    def _attention_branch(self, attn_output):
+        return self.dropout(attn_output)
+
+    def _mlp_branch(self, hidden_states):
+        return self.dropout(self.mlp(self.layernorm_after(hidden_states)))
 
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
                 tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False,
@@ -260,16 +272,15 @@ class PreNormReduceLayerMixin:
         mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
         need_class = needs_class_attention(tome_kept, hidden_states.shape[1])
         attn_output, _, metric, *class_scores = self.attention(
-            self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0 or need_class,
+            self._attention_input(hidden_states), attention_mask=mask, need_keys=tome_r > 0 or need_class,
             need_class_attention=need_class, **kwargs,
         )
-        hidden_states = self.dropout(attn_output) + residual
+        hidden_states = self._attention_branch(attn_output) + residual
         hidden_states, size, positions, source = reduce_layer_tokens(
             hidden_states, metric, class_scores[0] if need_class else None, size, positions, source, tome_r,
             tome_kept, protected, trace_source,
         )
-        residual = hidden_states
-        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+        hidden_states = self._mlp_branch(hidden_states) + hidden_states
         return hidden_states, size, positions, source
 
 

@@ -17,37 +17,26 @@ from transformers.utils.output_capturing import capture_outputs
 from ..mixin import ToMeModelMixin
 from .common import (
     KeyMetricAttentionMixin,
-    LayerKept,
+    PreNormReduceLayerMixin,
     ReductionPlan,
     TokenMergeOutput,
-    needs_class_attention,
-    proportional_attention_mask,
-    reduce_layer_tokens,
     run_layers,
     weighted_token_mean,
 )
 from .registry import Adapter, EncoderShape, register_adapter
 
 
-class _Dinov2LayerMixin:
-    def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
-                tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False,
-                tome_kept: LayerKept | None = None, **kwargs):
-        residual = hidden_states
-        mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
-        need_class = needs_class_attention(tome_kept, hidden_states.shape[1])
-        attn_output, _, metric, *class_scores = self.attention(
-            self.norm1(hidden_states), attention_mask=mask, need_keys=tome_r > 0 or need_class,
-            need_class_attention=need_class, **kwargs,
-        )
-        hidden_states = self.drop_path(self.layer_scale1(attn_output)) + residual
-        hidden_states, size, positions, source = reduce_layer_tokens(
-            hidden_states, metric, class_scores[0] if need_class else None, size, positions, source, tome_r,
-            tome_kept, protected, trace_source,
-        )
-        residual = hidden_states
-        hidden_states = self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + residual
-        return hidden_states, size, positions, source
+class _Dinov2LayerMixin(PreNormReduceLayerMixin):
+    """The shared pre-norm reduce-layer forward with Dinov2's norms, layer scales and drop path."""
+
+    def _attention_input(self, hidden_states):
+        return self.norm1(hidden_states)
+
+    def _attention_branch(self, attn_output):
+        return self.drop_path(self.layer_scale1(attn_output))
+
+    def _mlp_branch(self, hidden_states):
+        return self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states))))
 
 
 class _Dinov2EncoderMixin:
