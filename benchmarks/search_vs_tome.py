@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stage-images", type=int, nargs="+", default=[16, 96, 1024])
     parser.add_argument("--keep", type=float, default=0.1)
     parser.add_argument("--shaped", type=float, default=0.75, help="fraction of ToMe-like shaped candidates")
+    parser.add_argument("--merge-matches", nargs="+", default=["class_attention", "bipartite"],
+                        help="merge rules the candidates take in turn (see hf-tome search --help)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -76,6 +78,7 @@ def main() -> None:
         options = SearchOptions(targets=args.targets, method=args.method, candidates=args.candidates,
                                 search_images=args.search_images, val_images=args.val_images,
                                 stage_images=args.stage_images, keep=args.keep, shaped=args.shaped,
+                                merge_matches=args.merge_matches,
                                 batch_size=args.batch_size, dtype=args.dtype, out=args.out / "search",
                                 baseline=False)
         search_payload = run_search(options)
@@ -100,7 +103,8 @@ def main() -> None:
         if row["fraction"] >= 0.999:
             continue
         settings.append({"name": f"searched {row['fraction']:.2f}", "gflops": row["gflops"],
-                         "prune_kept": row["prune_kept"], "merge_kept": row["merge_kept"], "row": row})
+                         "prune_kept": row["prune_kept"], "merge_kept": row["merge_kept"],
+                         "merge_match": row.get("merge_match", "class_attention"), "row": row})
         at_least = max(r for r in range(space.num_tokens) if tome_gmacs(space, r) >= row["gflops"] - 1e-12)
         for r in (at_least, at_least + 1) if args.neighbours else (at_least,):
             settings.append({"name": f"ToMe r={r}", "gflops": tome_gmacs(space, r), "r": r,
@@ -118,12 +122,15 @@ def main() -> None:
                         "images_per_s": float(scores[number, 2] / timings[number]),
                         "r": setting.get("r"), "paired_with": setting.get("paired_with"),
                         "prune_kept": setting.get("prune_kept"), "merge_kept": setting.get("merge_kept"),
+                        "merge_match": setting.get("merge_match"),
                         "validation_accuracy": setting.get("row", {}).get("accuracy")})
-    lines = ["| setting | GMACs | MACs vs full | test accuracy | tokens leaving each layer |", "|---|---|---|---|---|"]
+    lines = ["| setting | GMACs | MACs vs full | test accuracy | test NLL | merge match | tokens leaving each layer |",
+             "|---|---|---|---|---|---|---|"]
     for result in results:
         tokens = result["merge_kept"] or ""
         lines.append(f"| {result['name']} | {result['gflops']:.3f} | {100 * result['fraction']:.1f}% | "
-                     f"{100 * result['accuracy']:.2f}% | {tokens} |")
+                     f"{100 * result['accuracy']:.2f}% | {result['nll']:.3f} | {result['merge_match'] or ''} | "
+                     f"{tokens} |")
     comparison = []
     for result in results:
         if result["name"].startswith("searched"):

@@ -78,4 +78,5 @@ def resolve_budget(model: nn.Module, config: ToMeConfig) -> ToMeConfig:
         raise ValueError(f"ToMeConfig.budget={config.budget} is invalid: expected a model whose config has a "
                          "budget_table (written by `hf-tome search`)")
     row = select_budget_row(config.budget_table, config.budget, table_full_gflops(model, config))
-    return config.replace(r=0, prune_kept=list(row["prune_kept"]), merge_kept=list(row["merge_kept"]))
+    return config.replace(r=0, prune_kept=list(row["prune_kept"]), merge_kept=list(row["merge_kept"]),
+                          merge_match=row.get("merge_match", "class_attention"))

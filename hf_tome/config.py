@@ -10,6 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+MERGE_MATCHES = ("class_attention", "bipartite")
+"""How the merge step of unified compression picks what to merge (see ``ToMeConfig.merge_match``)."""
+
 
 def _invalid(field_name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"ToMeConfig.{field_name}={value!r} is invalid: expected {allowed}")
@@ -44,7 +47,12 @@ class ToMeConfig:
         trace_source: track which original patches every token holds (needed for visualisation).
         prune_kept: per-layer number of tokens kept after pruning by class attention (unified compression).
         merge_kept: per-layer number of tokens kept after merging (unified compression).
-        budget_table: rows ``{"gflops", "prune_kept", "merge_kept", "accuracy"}`` found by a rate search.
+        merge_match: how unified compression picks what to merge: ``"class_attention"`` (the tokens ranked
+            between ``merge_kept`` and ``prune_kept`` by class attention go into their most similar kept token)
+            or ``"bipartite"`` (ToMe's bipartite soft matching on the tokens that survive pruning; at most half
+            of the unprotected tokens per layer).
+        budget_table: rows ``{"gflops", "prune_kept", "merge_kept", "accuracy"}`` found by a rate search (and
+            ``"merge_match"`` where the row does not use class attention).
         budget: the FLOPs budget (GFLOPs, or a fraction of the full model's) picked from ``budget_table``.
     """
 
@@ -54,6 +62,7 @@ class ToMeConfig:
     trace_source: bool = False
     prune_kept: list[int] | None = None
     merge_kept: list[int] | None = None
+    merge_match: str = "class_attention"
     budget_table: list[dict[str, Any]] | None = None
     budget: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -98,13 +107,17 @@ class ToMeConfig:
                                "its count is the number of tokens entering the model)")
             if self.uses_merging_schedule:
                 raise _invalid("r", self.r, "0 when prune_kept/merge_kept are given (one reducer per model)")
+        if self.merge_match not in MERGE_MATCHES:
+            raise _invalid("merge_match", self.merge_match, " or ".join(repr(m) for m in MERGE_MATCHES))
         if self.budget_table is not None:
             if not isinstance(self.budget_table, list) or not all(
                 isinstance(row, dict) and {"gflops", "prune_kept", "merge_kept"} <= row.keys()
+                and row.get("merge_match", "class_attention") in MERGE_MATCHES
                 for row in self.budget_table
             ):
                 raise _invalid("budget_table", self.budget_table,
-                               "a list of dicts with keys 'gflops', 'prune_kept', 'merge_kept'")
+                               "a list of dicts with keys 'gflops', 'prune_kept', 'merge_kept' (and optionally "
+                               f"'merge_match', one of {list(MERGE_MATCHES)})")
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int | float)
                                         or self.budget <= 0):
             raise _invalid("budget", self.budget, "a positive number (GFLOPs, or a fraction <= 1 of the full model)")

@@ -18,7 +18,7 @@ from .adapters.registry import find_adapter
 from .blocks import compression_of
 from .budget import resolve_budget
 from .config import ToMeConfig
-from .schedule import merge_schedule
+from .schedule import clamp_r, kept_tokens_per_layer, merge_schedule
 
 
 def _num_layers(model: nn.Module) -> int:
@@ -47,8 +47,25 @@ def build_plan(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
         if prune_kept is not None and index > 0:
             prune_kept, merge_kept = list(prune_kept), list(merge_kept)
             prune_kept[index] = merge_kept[index] = merge_kept[index - 1]
+    if prune_kept is not None and config.merge_match == "bipartite":
+        _check_bipartite_reach(prune_kept, merge_kept, protected)
     return ReductionPlan(layer_r=layer_r, protected=protected, prop_attn=config.prop_attn,
-                         trace_source=config.trace_source, prune_kept=prune_kept, merge_kept=merge_kept)
+                         trace_source=config.trace_source, prune_kept=prune_kept, merge_kept=merge_kept,
+                         merge_match=config.merge_match)
+
+
+def _check_bipartite_reach(prune_kept: list[int], merge_kept: list[int], protected: int) -> None:
+    """One bipartite step merges at most half of the unprotected survivors of pruning: refuse counts that need
+    more, instead of silently keeping more tokens (and FLOPs) than the config says."""
+    counts = kept_tokens_per_layer(prune_kept[0], prune_kept, merge_kept)
+    for index in range(1, len(prune_kept)):
+        survivors = min(prune_kept[index], counts[index])
+        lowest = survivors - clamp_r(survivors, survivors, protected)
+        if min(merge_kept[index], survivors) < lowest:
+            raise ValueError(f"ToMeConfig.merge_kept={merge_kept} is invalid with merge_match='bipartite': layer "
+                             f"{index} would merge {survivors} tokens down to {merge_kept[index]}, but one bipartite "
+                             f"step merges at most half of the {survivors - protected} unprotected ones; expected "
+                             f"merge_kept[{index}] >= {lowest}")
 
 
 def _check_kept_against_model(config: ToMeConfig, num_layers: int, protected: int) -> None:

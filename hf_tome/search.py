@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .budget import FULL_GFLOPS_KEY, IMAGE_SIZE_KEY, budget_in_gflops
-from .config import ToMeConfig
+from .config import MERGE_MATCHES, ToMeConfig
 from .search_space import Candidate, SearchSpace, sample_candidates
 
 
@@ -43,6 +43,7 @@ class SearchOptions:
     stage_images: list[int] = field(default_factory=lambda: [64, 256, 1024])
     keep: float = 0.1
     shaped: float = 0.75
+    merge_matches: list[str] = field(default_factory=lambda: list(MERGE_MATCHES))
     batch_size: int = 64
     dtype: str = "auto"
     seed: int = 0
@@ -76,7 +77,7 @@ def staged_random_search(evaluator, candidates: list[Candidate], stage_images: l
     for number, count in enumerate(stage_images):
         start = time.perf_counter()
         last = number == len(stage_images) - 1
-        scores = evaluator.evaluate([(c.prune_kept, c.merge_kept) for c in survivors], count,
+        scores = evaluator.evaluate([c.setting for c in survivors], count,
                                     description=f"stage {number + 1}/{len(stage_images)} ({count} images)",
                                     fidelity=not last)
         chosen: list[int] = []
@@ -161,7 +162,8 @@ def run_search(options: SearchOptions) -> dict:
     searcher = CachedEvaluator(model, search_set, processor, accelerator, dtype, options.batch_size)
     log: dict = {}
     if options.method == "random":
-        candidates = sample_candidates(space, targets, options.candidates, options.seed, shaped=options.shaped)
+        candidates = sample_candidates(space, targets, options.candidates, options.seed, shaped=options.shaped,
+                                       merge_matches=options.merge_matches)
         best, search_accuracy, log["stages"] = staged_random_search(searcher, candidates, stage_images, options.keep,
                                                                     accelerator)
     elif options.method == "diffrate":
@@ -174,7 +176,7 @@ def run_search(options: SearchOptions) -> dict:
                                            options.seed)
             best.append(Candidate(found.prune_kept, found.merge_kept, found.gmacs, index))
             log["diffrate"].append(steps)
-        scores = searcher.evaluate([(c.prune_kept, c.merge_kept) for c in best], options.search_images,
+        scores = searcher.evaluate([c.setting for c in best], options.search_images,
                                    "search accuracy of the learned rows")
         search_accuracy = (scores[:, 0] / scores[:, 2]).tolist()
     else:
@@ -185,12 +187,13 @@ def run_search(options: SearchOptions) -> dict:
                                 keep_pixels=options.baseline)
     full_kept = (space.num_tokens,) * space.num_layers
     chosen = [Candidate(full_kept, full_kept, full, -1), *best]
-    val_scores = validator.evaluate([(c.prune_kept, c.merge_kept) for c in chosen], options.val_images,
+    val_scores = validator.evaluate([c.setting for c in chosen], options.val_images,
                                     "validation accuracy of the rows")
     rows = []
     for number, candidate in enumerate(chosen):
         row = {"gflops": candidate.gmacs, "fraction": candidate.gmacs / full,
                "prune_kept": list(candidate.prune_kept), "merge_kept": list(candidate.merge_kept),
+               "merge_match": candidate.merge_match,
                "accuracy": float(val_scores[number, 0] / val_scores[number, 2])}
         if number > 0:
             row["target"] = options.targets[candidate.target]
@@ -253,14 +256,15 @@ def _write_outputs(options: SearchOptions, model_name: str, table_config: ToMeCo
 
 def format_rows(payload: dict) -> str:
     """Markdown table of the budget table and the ToMe baseline."""
-    lines = ["| setting | GMACs | fraction | val. accuracy | tokens leaving each layer |", "|---|---|---|---|---|"]
+    lines = ["| setting | GMACs | fraction | val. accuracy | merge match | tokens leaving each layer |",
+             "|---|---|---|---|---|---|"]
     for row in payload["rows"]:
         name = "full" if row["fraction"] >= 0.999 else f"searched @{row.get('target')}"
         lines.append(f"| {name} | {row['gflops']:.3f} | {row['fraction']:.3f} | {100 * row['accuracy']:.2f}% | "
-                     f"{row['merge_kept']} |")
+                     f"{row.get('merge_match', 'class_attention')} | {row['merge_kept']} |")
     for row in payload["tome_baseline"]:
         lines.append(f"| ToMe r={row['r']} | {row['gflops']:.3f} | {row['fraction']:.3f} | "
-                     f"{100 * row['accuracy']:.2f}% | |")
+                     f"{100 * row['accuracy']:.2f}% | bipartite | |")
     return "\n".join(lines)
 
 
@@ -311,6 +315,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=float, default=defaults.keep, help="fraction of each bucket kept per stage")
     parser.add_argument("--shaped", type=float, default=defaults.shaped, help="fraction of the random candidates "
                         "drawn with ToMe-like shapes and small prune shares (the rest: any non-increasing profile)")
+    parser.add_argument("--merge-matches", nargs="+", choices=list(MERGE_MATCHES), default=defaults.merge_matches,
+                        help="merge rules the random candidates take in turn: class_attention (merge the tokens "
+                        "ranked below merge_kept into their most similar kept token) and/or bipartite (ToMe's "
+                        "matching on the survivors of pruning); each row stores the rule it won with")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -142,16 +142,19 @@ class CachedEvaluator:
         pixels = torch.zeros(hidden.shape[0], *self.pixel_shape, device=self.device, dtype=self.dtype)
         return self.model(pixel_values=pixels).logits
 
-    def set_kept(self, prune_kept: Sequence[int] | None, merge_kept: Sequence[int] | None, r: int = 0) -> None:
+    def set_kept(self, prune_kept: Sequence[int] | None, merge_kept: Sequence[int] | None, r: int = 0,
+                 merge_match: str = "class_attention") -> None:
         """Switch the model to a configuration without re-patching (the plan is all that changes)."""
-        config = self.base_config.replace(r=r, budget=None, budget_table=None,
+        config = self.base_config.replace(r=r, budget=None, budget_table=None, merge_match=merge_match,
                                           prune_kept=list(prune_kept) if prune_kept is not None else None,
                                           merge_kept=list(merge_kept) if merge_kept is not None else None)
         find_adapter(self.model).loop_module(self.model)._tome_plan = build_plan(self.model, config)
 
-    def evaluate(self, configs: Sequence[tuple[Sequence[int], Sequence[int]]], count: int,
+    def evaluate(self, configs: Sequence[tuple], count: int,
                  description: str = "candidates", fidelity: bool = False) -> torch.Tensor:
         """Sums ``[correct, summed NLL, images, summed KL]`` per configuration [len(configs), 4] over all processes.
+
+        A configuration is ``(prune_kept, merge_kept)`` or ``(prune_kept, merge_kept, merge_match)``.
 
         Every process evaluates its share of the first ``count`` images; block 0 is replayed from the cache.
         With ``fidelity``, the last column sums KL(uncompressed model || configuration) over the images: it
@@ -164,8 +167,8 @@ class CachedEvaluator:
         with torch.inference_mode(), self.replaying() as replay:
             if fidelity:
                 self._cache_reference(replay, indices)
-            for number, (prune_kept, merge_kept) in enumerate(progress):
-                self.set_kept(prune_kept, merge_kept)
+            for number, kept in enumerate(progress):
+                self.set_kept(*kept[:2], merge_match=kept[2] if len(kept) > 2 else "class_attention")
                 for hidden, labels, chunk in self.batches(indices):
                     logits = self.logits_from_block0(replay, hidden)
                     totals[number, :3] += _scores(logits, labels)
@@ -190,7 +193,8 @@ class CachedEvaluator:
 
     def evaluate_from_pixels(self, settings: Sequence[dict], count: int, description: str = "settings",
                              timings: list[float] | None = None) -> torch.Tensor:
-        """Sums like :meth:`evaluate` for settings ``{"r"}`` or ``{"prune_kept", "merge_kept"}``, run end to end.
+        """Sums like :meth:`evaluate` for settings ``{"r"}`` or ``{"prune_kept", "merge_kept"[, "merge_match"]}``,
+        run end to end.
 
         Nothing is replayed: every forward pass starts from the cached pixels. ``timings`` (if given) receives
         the forward seconds of this process per setting.
@@ -203,7 +207,8 @@ class CachedEvaluator:
         progress = tqdm(settings, desc=description, unit="cfg", disable=not self.accelerator.is_main_process)
         with torch.inference_mode():
             for number, setting in enumerate(progress):
-                self.set_kept(setting.get("prune_kept"), setting.get("merge_kept"), r=setting.get("r", 0))
+                self.set_kept(setting.get("prune_kept"), setting.get("merge_kept"), r=setting.get("r", 0),
+                              merge_match=setting.get("merge_match", "class_attention"))
                 seconds = 0.0
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start : start + self.batch_size]

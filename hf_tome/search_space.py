@@ -9,15 +9,21 @@ Most uniformly random profiles and shares are poor (on the embedded DINOv2-S mod
 percent of a layer's removal, or removing evenly from layer 1 on, costs several times the KL divergence of
 back-loaded merging), so by default three quarters of the candidates come from :func:`shaped_profile`:
 ToMe-like power-law profiles with random curvature, start and noise, and small prune shares.
+
+Every candidate also carries a merge rule (``merge_match``): the candidates take the requested rules in turn,
+so the search can find that a model is better served by class-attention merging or by bipartite matching.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .adapters.registry import EncoderShape
+from .config import MERGE_MATCHES
 from .flops import encoder_report
 from .schedule import kept_tokens_per_layer
 
@@ -30,6 +36,12 @@ class Candidate:
     merge_kept: tuple[int, ...]
     gmacs: float
     target: int = 0
+    merge_match: str = "class_attention"
+
+    @property
+    def setting(self) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+        """What :meth:`hf_tome.search_eval.CachedEvaluator.evaluate` takes for this candidate."""
+        return self.prune_kept, self.merge_kept, self.merge_match
 
 
 @dataclass(frozen=True)
@@ -72,40 +84,50 @@ class SearchSpace:
         full = [self.num_tokens] * self.num_layers
         return self.gmacs(full, full)
 
-    def kept_lists(self, profile: list[float], share: list[float], scale: float) -> tuple[list[int], list[int]]:
+    def kept_lists(self, profile: list[float], share: list[float], scale: float,
+                   merge_match: str = "class_attention") -> tuple[list[int], list[int]]:
         """Kept counts from a profile (one value per layer after the first), prune shares and a scale in [0, 1].
 
         Layer i keeps ``N - round(scale * profile[i-1] * (N - min_kept))`` tokens after merging; of what it
-        removes, ``round(share[i-1] * removed)`` tokens are pruned and the rest merged.
+        removes, ``round(share[i-1] * removed)`` tokens are pruned and the rest merged. With ``"bipartite"``
+        matching a layer merges at most half of the unprotected survivors of pruning; the removal it cannot
+        merge is left to the next layers.
         """
-        total = self.num_tokens
+        total, protected = self.num_tokens, self.shape.protected
         prune_kept, merge_kept = [total], [total]
         tokens = total
         for depth_profile, depth_share in zip(profile, share, strict=True):
             merged = min(tokens, total - round(scale * depth_profile * (total - self.min_kept)))
             pruned = round(depth_share * (tokens - merged))
+            if merge_match == "bipartite":
+                survivors = tokens - pruned
+                merged = max(merged, survivors - (survivors - protected) // 2)
             prune_kept.append(tokens - pruned)
             merge_kept.append(merged)
             tokens = merged
         return prune_kept, merge_kept
 
     def fit(self, profile: list[float], share: list[float], target_gmacs: float,
-            target_index: int = 0) -> Candidate | None:
+            target_index: int = 0, merge_match: str = "class_attention") -> Candidate | None:
         """The candidate of this profile and share with the most GMACs not above ``target_gmacs``.
 
         Returns None when even the full scale stays above the target.
         """
-        if self.gmacs(*self.kept_lists(profile, share, 1.0)) > target_gmacs:
+        def gmacs_at(scale: float) -> float:
+            return self.gmacs(*self.kept_lists(profile, share, scale, merge_match))
+
+        if gmacs_at(1.0) > target_gmacs:
             return None
         low, high = 0.0, 1.0  # GMACs fall as the scale grows: find the smallest scale under the target
         for _ in range(30):
             middle = (low + high) / 2
-            if self.gmacs(*self.kept_lists(profile, share, middle)) > target_gmacs:
+            if gmacs_at(middle) > target_gmacs:
                 low = middle
             else:
                 high = middle
-        prune_kept, merge_kept = self.kept_lists(profile, share, high)
-        return Candidate(tuple(prune_kept), tuple(merge_kept), self.gmacs(prune_kept, merge_kept), target_index)
+        prune_kept, merge_kept = self.kept_lists(profile, share, high, merge_match)
+        return Candidate(tuple(prune_kept), tuple(merge_kept), self.gmacs(prune_kept, merge_kept), target_index,
+                         merge_match)
 
 
 def random_profile(rng: random.Random, num_layers: int) -> tuple[list[float], list[float]]:
@@ -174,36 +196,47 @@ def canonical_profiles(num_layers: int) -> list[tuple[list[float], list[float]]]
 
 
 def sample_candidates(space: SearchSpace, targets_gmacs: list[float], count: int, seed: int = 0,
-                      canonical: bool = True, shaped: float = 0.75) -> list[Candidate]:
+                      canonical: bool = True, shaped: float = 0.75,
+                      merge_matches: Sequence[str] = MERGE_MATCHES) -> list[Candidate]:
     """``count`` candidates spread evenly over the targets, each just under its target's GMACs.
 
     With ``canonical``, each target's first candidates are :func:`canonical_profiles` (when they fit in the
     count), the rest random: a ``shaped`` fraction from :func:`shaped_profile`, the others from
-    :func:`random_profile`. Deterministic for a seed, so every process of a distributed search draws the same.
+    :func:`random_profile`. Candidates take the ``merge_matches`` in turn, so every rule gets its share.
+    Deterministic for a seed, so every process of a distributed search draws the same.
     """
     if not 0.0 <= shaped <= 1.0:
         raise ValueError(f"shaped={shaped!r} is invalid: expected a fraction in [0, 1]")
+    unknown = [match for match in merge_matches if match not in MERGE_MATCHES]
+    if not merge_matches or unknown:
+        raise ValueError(f"merge_matches={list(merge_matches)!r} is invalid: expected one or more of "
+                         f"{list(MERGE_MATCHES)}")
     rng = random.Random(seed)
     per_target = max(1, count // len(targets_gmacs))
     candidates: list[Candidate] = []
+    seen: set[tuple] = set()  # different draws can round to the same counts: evaluate each setting once
     for index, target in enumerate(targets_gmacs):
         found, attempts = 0, 0
-        if canonical and per_target > 2 * len(canonical_profiles(space.num_layers)):
-            for profile, share in canonical_profiles(space.num_layers):
-                candidate = space.fit(profile, share, target, index)
-                if candidate is not None:
+        if canonical and per_target > 2 * len(canonical_profiles(space.num_layers)) * len(merge_matches):
+            for (profile, share), match in itertools.product(canonical_profiles(space.num_layers), merge_matches):
+                candidate = space.fit(profile, share, target, index, match)
+                if candidate is not None and candidate.setting not in seen:
+                    seen.add(candidate.setting)
                     candidates.append(candidate)
                     found += 1
         while found < per_target and attempts < 50 * per_target:
             attempts += 1
             draw = shaped_profile if rng.random() < shaped else random_profile
-            candidate = space.fit(*draw(rng, space.num_layers), target, index)
-            if candidate is not None:
+            match = merge_matches[attempts % len(merge_matches)]
+            candidate = space.fit(*draw(rng, space.num_layers), target, index, match)
+            if candidate is not None and candidate.setting not in seen:
+                seen.add(candidate.setting)
                 candidates.append(candidate)
                 found += 1
         if found == 0:
             steps = space.num_layers - 1
-            lowest = space.gmacs(*space.kept_lists([1.0] * steps, [0.0] * steps, 1.0))
+            # Pruning everything is the smallest configuration of either rule (bipartite merging halves at most).
+            lowest = space.gmacs(*space.kept_lists([1.0] * steps, [1.0] * steps, 1.0))
             raise ValueError(f"FLOPs target {target:.4g} GMACs is out of reach: the smallest configuration (keeping "
                              f"{space.min_kept} tokens from layer 1 on) costs {lowest:.4g} GMACs")
     return candidates

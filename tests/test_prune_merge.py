@@ -350,6 +350,7 @@ def test_search_end_to_end_writes_the_table(method, tiny_classifier_and_data, tm
     loaded = hf_tome.AutoModelForImageClassification.from_pretrained(out / "model", tome_budget=0.8)
     assert loaded.tome_config.budget_table == payload["rows"]
     assert loaded.tome_config.merge_kept == payload["rows"][1]["merge_kept"]
+    assert loaded.tome_config.merge_match == payload["rows"][1]["merge_match"]
     assert loaded.tome_compute().gmacs == pytest.approx(payload["rows"][1]["gflops"], rel=1e-5)
     with pytest.raises(ValueError, match="is below the budget table, which covers"):
         loaded.set_tome_budget(0.3)

@@ -48,7 +48,8 @@ def test_candidates_land_in_a_narrow_band_under_each_target(space):
     targets = [0.7 * space.full_gmacs, 0.55 * space.full_gmacs]
     candidates = sample_candidates(space, targets, 400, seed=0)
     assert len(candidates) == 400 and [c.target for c in candidates].count(0) == 200
-    assert len({(c.prune_kept, c.merge_kept) for c in candidates}) == 400  # no evaluation wasted on repeats
+    assert len({c.setting for c in candidates}) == 400  # no evaluation wasted on repeats
+    assert {c.merge_match for c in candidates} == {"class_attention", "bipartite"}
     for candidate in candidates:
         target = targets[candidate.target]
         assert 0.995 * target <= candidate.gmacs <= target

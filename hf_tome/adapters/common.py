@@ -6,8 +6,9 @@ from its arguments, so shared mutable state would be read twice.
 
 A layer reduces its tokens with :func:`reduce_layer_tokens`: ToMe merging of ``tome_r`` tokens, or, when the
 encoder loop hands it ``tome_kept`` (a plan with per-layer kept counts), pruning by class attention followed by
-merging into the kept tokens. An adapter opts in to the second with ``Adapter(supports_pruning=True)``: its
-layer accepts ``tome_kept``, asks its attention for ``need_class_attention`` and calls ``reduce_layer_tokens``.
+merging (into the most similar kept token by class-attention rank, or by ToMe's bipartite matching). An adapter
+opts in to the second with ``Adapter(supports_pruning=True)``: its layer accepts ``tome_kept``, asks its
+attention for ``need_class_attention`` and calls ``reduce_layer_tokens``.
 """
 
 from __future__ import annotations
@@ -47,8 +48,23 @@ class SoftKept:
     slots: int
 
 
-LayerKept = tuple[int, int] | SoftKept
-"""What :func:`run_layers` hands a layer as ``tome_kept``: ``(prune_kept, merge_kept)`` or a :class:`SoftKept`."""
+@dataclass(frozen=True)
+class HardKept:
+    """Kept counts of one layer: prune to ``prune_kept`` by class attention, then merge down to ``merge_kept``.
+
+    ``merge_match="class_attention"`` (the spec's rule) merges the tokens ranked between ``merge_kept`` and
+    ``prune_kept`` into their most similar higher-ranked token; ``"bipartite"`` merges the survivors of pruning by
+    ToMe's bipartite soft matching instead (the most similar pairs go first), which suits models whose head
+    averages the tokens, where class attention says little about which tokens are redundant.
+    """
+
+    prune_kept: int
+    merge_kept: int
+    merge_match: str = "class_attention"
+
+
+LayerKept = HardKept | SoftKept
+"""What :func:`run_layers` hands a layer as ``tome_kept``: a :class:`HardKept` or a :class:`SoftKept`."""
 
 
 @dataclass
@@ -68,6 +84,7 @@ class ReductionPlan:
     prune_kept: list[int] | None = None
     merge_kept: list[int] | None = None
     soft_kept: list[SoftKept | None] | None = None
+    merge_match: str = "class_attention"
 
     def kept_for_layer(self, index: int) -> LayerKept | None:
         """The ``tome_kept`` argument of layer ``index`` (None: plain ToMe with ``layer_r[index]``)."""
@@ -76,7 +93,7 @@ class ReductionPlan:
         if self.soft_kept is not None:
             return self.soft_kept[index]
         if self.prune_kept is not None:
-            return self.prune_kept[index], self.merge_kept[index]
+            return HardKept(self.prune_kept[index], self.merge_kept[index], self.merge_match)
         return None
 
 
@@ -185,7 +202,7 @@ def needs_class_attention(tome_kept: LayerKept | None, num_tokens: int) -> bool:
         return False
     if isinstance(tome_kept, SoftKept):
         return True
-    return min(tome_kept) < num_tokens
+    return min(tome_kept.prune_kept, tome_kept.merge_kept) < num_tokens
 
 
 def prune_merge_tokens(
@@ -220,6 +237,36 @@ def prune_merge_tokens(
     return hidden, merged_size, positions, source
 
 
+def prune_then_match_tokens(
+    hidden: torch.Tensor,
+    metric: torch.Tensor,
+    class_scores: torch.Tensor,
+    size: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    source: torch.Tensor | None,
+    prune_kept: int,
+    merge_kept: int,
+    protected: int,
+    trace_source: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Prune to ``prune_kept`` tokens by class attention, then merge the survivors down to ``merge_kept`` with
+    ToMe's bipartite soft matching (``merge_match="bipartite"``).
+
+    One bipartite step removes at most half of the unprotected tokens; ``hf_tome.apply`` refuses counts that
+    need more, so the count here is exact and the FLOPs accounting holds.
+    """
+    num_tokens = hidden.shape[1]
+    prune_kept, merge_kept = effective_kept(num_tokens, prune_kept, merge_kept)
+    if prune_kept < num_tokens:
+        step = prune_and_merge(class_scores, metric, prune_kept, prune_kept, protected)
+        size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)
+        hidden, size, metric = step.merge(hidden), step.merge(size), step.merge(metric)
+        positions = step.new_positions(num_tokens).gather(1, positions)
+        if source is not None:
+            source = step.merge(source, reduce="amax")
+    return reduce_tokens(hidden, metric, size, positions, source, prune_kept - merge_kept, protected, trace_source)
+
+
 def reduce_layer_tokens(
     hidden: torch.Tensor,
     metric: torch.Tensor | None,
@@ -244,8 +291,11 @@ def reduce_layer_tokens(
         hidden, size = soft_prune_merge(hidden, size, class_scores, metric, tome_kept.keep, tome_kept.prune,
                                         tome_kept.slots, protected)
         return hidden, size, positions, source
-    return prune_merge_tokens(hidden, metric, class_scores, size, positions, source, *tome_kept, protected,
-                              trace_source)
+    if tome_kept.merge_match == "bipartite":
+        return prune_then_match_tokens(hidden, metric, class_scores, size, positions, source, tome_kept.prune_kept,
+                                       tome_kept.merge_kept, protected, trace_source)
+    return prune_merge_tokens(hidden, metric, class_scores, size, positions, source, tome_kept.prune_kept,
+                              tome_kept.merge_kept, protected, trace_source)
 
 
 
