@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stage-images", type=int, nargs="+", default=[16, 96, 1024])
     parser.add_argument("--keep", type=float, default=0.1)
     parser.add_argument("--shaped", type=float, default=0.75, help="fraction of ToMe-like shaped candidates")
+    parser.add_argument("--targets-at-tome-r", type=int, nargs="+", default=None, metavar="R",
+                        help="use the MACs of constant-r ToMe with these r as the targets (the same MACs exactly)")
     parser.add_argument("--merge-matches", nargs="+", default=["class_attention", "bipartite"],
                         help="merge rules the candidates take in turn (see hf-tome search --help)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -74,6 +76,12 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     search_payload = None
+    if args.targets_at_tome_r:
+        from hf_tome.assets.default_model import default_model_path
+
+        default = hf_tome.AutoModelForImageClassification.from_pretrained(args.model or default_model_path())
+        default_space = SearchSpace.for_shape(find_adapter(default).encoder_shape(default, (224, 224)))
+        args.targets = [tome_gmacs(default_space, r) / default_space.full_gmacs for r in args.targets_at_tome_r]
     if args.model is None:
         options = SearchOptions(targets=args.targets, method=args.method, candidates=args.candidates,
                                 search_images=args.search_images, val_images=args.val_images,
@@ -198,8 +206,13 @@ def replot(paths: list[Path], out: Path) -> None:
         raise ValueError("the runs were measured on different numbers of test images: expected the same")
 
     def label(payload: dict) -> str:
-        method = ((payload.get("search") or {}).get("options") or {}).get("method", "random")
-        return f"prune + merge, {method} search"
+        options = (payload.get("search") or {}).get("options") or {}
+        method = options.get("method", "random")
+        if method != "random":
+            return f"prune + merge, {method} search"
+        # Runs from before merge_match existed searched the class-attention rule only.
+        rules = " + ".join(options.get("merge_matches", ["class_attention"])).replace("_", " ")
+        return f"random search, {options.get('candidates')} candidates, {rules}"
 
     first = payloads[0]
     others = {label(payload): payload["results"] for payload in payloads[1:]}

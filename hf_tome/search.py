@@ -318,7 +318,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-matches", nargs="+", choices=list(MERGE_MATCHES), default=defaults.merge_matches,
                         help="merge rules the random candidates take in turn: class_attention (merge the tokens "
                         "ranked below merge_kept into their most similar kept token) and/or bipartite (ToMe's "
-                        "matching on the survivors of pruning); each row stores the rule it won with")
+                        "matching on the survivors of pruning); each row stores the rule it won with. Random "
+                        "search only: --method diffrate relaxes the class-attention rule")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=defaults.seed)
