@@ -30,8 +30,8 @@ def build_plan(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
     adapter = find_adapter(model)
     if config.prune_kept is not None and not adapter.supports_pruning:
         raise ValueError(f"ToMeConfig.prune_kept={config.prune_kept} is invalid for {type(model).__name__}: the "
-                         f"{adapter.family} adapter does not support prune + merge yet; expected prune_kept=None "
-                         "(use r for token merging)")
+                         f"{adapter.family} adapter does not support prune + merge (its encoder has no class token "
+                         "whose attention could rank the tokens); expected prune_kept=None (use r for token merging)")
     if adapter.plan_builder is not None:  # families with stages (Swin) count layers their own way
         return adapter.plan_builder(model, config)
     num_layers = _num_layers(model)

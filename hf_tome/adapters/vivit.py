@@ -89,4 +89,5 @@ register_adapter(Adapter(
     protected_tokens=lambda config: _PROTECTED,
     loop_module=_loop_module,
     encoder_shape=_encoder_shape,
+    supports_pruning=True,  # the class token (index 0) ranks tokens by class attention
 ))
