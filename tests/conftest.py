@@ -43,3 +43,24 @@ def main_output(output) -> torch.Tensor:
 def pixels() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(4, 3, 32, 32)
+
+
+def tokens_seen_by(modules, run) -> list[int]:
+    """Token count (dim 1 of the first argument) each of ``modules`` receives, per call, while ``run()`` runs."""
+    seen: list[int] = []
+    hooks = [module.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+             for module in modules]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def mlp_norms(model) -> list[torch.nn.Module]:
+    """The norm before the MLP of every encoder block: it sees the tokens left after the block's reduction."""
+    from hf_tome.search_eval import encoder_layers
+
+    return [getattr(layer, "layernorm_after", None) or layer.norm2 for layer in encoder_layers(model)]

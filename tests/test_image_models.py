@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from conftest import IMAGE_MODELS, main_output, make_model
+from conftest import IMAGE_MODELS, main_output, make_model, tokens_seen_by
 
 import hf_tome
 from hf_tome.schedule import merge_schedule, tokens_per_layer
@@ -20,15 +20,7 @@ def _layers(model):
 
 
 def _record_tokens_in(model, pixels) -> list[int]:
-    seen: list[int] = []
-    hooks = [
-        layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1])) for layer in _layers(model)
-    ]
-    with torch.no_grad():
-        model(pixels)
-    for hook in hooks:
-        hook.remove()
-    return seen
+    return tokens_seen_by(_layers(model), lambda: model(pixels))
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_MODELS, main_output, make_model
+from conftest import IMAGE_MODELS, main_output, make_model, mlp_norms, tokens_seen_by
 
 import hf_tome
 from hf_tome.budget import FULL_GFLOPS_KEY
@@ -14,24 +14,8 @@ ALL = list(IMAGE_MODELS)
 NUM_PATCHES = 64
 
 
-def _layers(model):
-    base = model.base_model
-    return base.layers if hasattr(base, "layers") else base.encoder.layer
-
-
-def _mlp_norm(layer):
-    return layer.layernorm_after if hasattr(layer, "layernorm_after") else layer.norm2
-
-
 def _tokens_reaching_each_mlp(model, pixels) -> list[int]:
-    counts = []
-    hooks = [_mlp_norm(layer).register_forward_pre_hook(lambda module, args: counts.append(args[0].shape[1]))
-             for layer in _layers(model)]
-    with torch.no_grad():
-        model(pixels)
-    for hook in hooks:
-        hook.remove()
-    return counts
+    return tokens_seen_by(mlp_norms(model), lambda: model(pixels))
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from conftest import IMAGE_MODELS, main_output, make_model
+from conftest import IMAGE_MODELS, main_output, make_model, mlp_norms, tokens_seen_by
 
 import hf_tome
 from hf_tome.budget import FULL_GFLOPS_KEY, select_budget_row
@@ -26,22 +26,10 @@ def _layers(model):
     return base.layers if hasattr(base, "layers") else base.encoder.layer
 
 
-def _mlp_norm(layer):
-    return layer.layernorm_after if hasattr(layer, "layernorm_after") else layer.norm2
-
-
 def _record_counts(model, pixels) -> tuple[list[int], list[int]]:
     """Tokens entering every layer, and tokens reaching every MLP (after the layer's reduction)."""
-    entering, reduced = [], []
-    hooks = []
-    for layer in _layers(model):
-        hooks.append(layer.register_forward_pre_hook(lambda module, args: entering.append(args[0].shape[1])))
-        hooks.append(_mlp_norm(layer).register_forward_pre_hook(lambda module, args: reduced.append(args[0].shape[1])))
-    with torch.no_grad():
-        model(pixels)
-    for hook in hooks:
-        hook.remove()
-    return entering, reduced
+    return (tokens_seen_by(_layers(model), lambda: model(pixels)),
+            tokens_seen_by(mlp_norms(model), lambda: model(pixels)))
 
 
 def test_class_attention_is_the_class_query_row_averaged_over_heads():

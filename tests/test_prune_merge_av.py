@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import main_output
+from conftest import main_output, mlp_norms, tokens_seen_by
 from test_audio_video_models import CLASSIFIERS, LAYERS, MODELS, inputs, make
 from test_swin_model import make_swin
 from test_whisper_model import make_whisper
 
 import hf_tome
-from hf_tome.search_eval import encoder_layers
 
 WITH_CLASS_TOKEN = ["ast", "ast-cls", "vivit", "vivit-cls"]
 
@@ -31,15 +30,7 @@ def _kept(name: str) -> tuple[list[int], list[int]]:
 
 
 def _tokens_reaching_each_mlp(model, x) -> list[int]:
-    counts = []
-    layers = encoder_layers(model)
-    hooks = [layer.layernorm_after.register_forward_pre_hook(lambda module, args: counts.append(args[0].shape[1]))
-             for layer in layers]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
-    return counts
+    return tokens_seen_by(mlp_norms(model), lambda: model(x))
 
 
 @pytest.mark.parametrize("name", WITH_CLASS_TOKEN)
