@@ -216,55 +216,36 @@ def prune_merge_tokens(
     merge_kept: int,
     protected: int,
     trace_source: bool = False,
+    merge_match: str = "class_attention",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Prune to ``prune_kept`` tokens by class attention, then merge down to ``merge_kept`` (size-weighted).
 
-    Counts above the tokens present are clamped (a layer cannot keep more than enter it). Pruned patches are
-    held by no token in ``source``; ``positions`` sends them to their most similar kept token, so unmerging
-    still fills the whole grid.
+    ``merge_match="class_attention"`` merges the tokens ranked between the two counts into their most similar
+    kept token; ``"bipartite"`` merges the survivors of pruning by ToMe's bipartite soft matching, which removes
+    at most half of the unprotected tokens (``hf_tome.apply`` refuses counts that need more, so the count here is
+    exact and the FLOPs accounting holds). Counts above the tokens present are clamped (a layer cannot keep more
+    than enter it). Pruned patches are held by no token in ``source``; ``positions`` sends them to their most
+    similar kept token, so unmerging still fills the whole grid.
     """
     num_tokens = hidden.shape[1]
     prune_kept, merge_kept = effective_kept(num_tokens, prune_kept, merge_kept)
-    if merge_kept == num_tokens:
-        return hidden, size, positions, source
-    step = prune_and_merge(class_scores, metric, prune_kept, merge_kept, protected)
-    size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)
-    merged_size = step.merge(size)
-    hidden = step.merge(hidden * size) / merged_size
-    positions = step.new_positions(num_tokens).gather(1, positions)
-    if source is not None:
-        source = step.merge(source, reduce="amax")
-    return hidden, merged_size, positions, source
-
-
-def prune_then_match_tokens(
-    hidden: torch.Tensor,
-    metric: torch.Tensor,
-    class_scores: torch.Tensor,
-    size: torch.Tensor | None,
-    positions: torch.Tensor | None,
-    source: torch.Tensor | None,
-    prune_kept: int,
-    merge_kept: int,
-    protected: int,
-    trace_source: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Prune to ``prune_kept`` tokens by class attention, then merge the survivors down to ``merge_kept`` with
-    ToMe's bipartite soft matching (``merge_match="bipartite"``).
-
-    One bipartite step removes at most half of the unprotected tokens; ``hf_tome.apply`` refuses counts that
-    need more, so the count here is exact and the FLOPs accounting holds.
-    """
-    num_tokens = hidden.shape[1]
-    prune_kept, merge_kept = effective_kept(num_tokens, prune_kept, merge_kept)
-    if prune_kept < num_tokens:
-        step = prune_and_merge(class_scores, metric, prune_kept, prune_kept, protected)
+    bipartite = merge_match == "bipartite"
+    # Bipartite matching takes only the pruning from the class-attention step: it merges the survivors itself.
+    ranked_kept = prune_kept if bipartite else merge_kept
+    if ranked_kept < num_tokens:
+        step = prune_and_merge(class_scores, metric, prune_kept, ranked_kept, protected)
         size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)
-        hidden, size, metric = step.merge(hidden), step.merge(size), step.merge(metric)
+        merged_size = step.merge(size)
+        hidden = step.merge(hidden * size) / merged_size
         positions = step.new_positions(num_tokens).gather(1, positions)
         if source is not None:
             source = step.merge(source, reduce="amax")
-    return reduce_tokens(hidden, metric, size, positions, source, prune_kept - merge_kept, protected, trace_source)
+        size = merged_size
+        if bipartite:
+            metric = step.merge(metric)  # the keys of the survivors, for the matching
+    if bipartite:
+        return reduce_tokens(hidden, metric, size, positions, source, prune_kept - merge_kept, protected, trace_source)
+    return hidden, size, positions, source
 
 
 def reduce_layer_tokens(
@@ -291,11 +272,8 @@ def reduce_layer_tokens(
         hidden, size = soft_prune_merge(hidden, size, class_scores, metric, tome_kept.keep, tome_kept.prune,
                                         tome_kept.slots, protected)
         return hidden, size, positions, source
-    if tome_kept.merge_match == "bipartite":
-        return prune_then_match_tokens(hidden, metric, class_scores, size, positions, source, tome_kept.prune_kept,
-                                       tome_kept.merge_kept, protected, trace_source)
     return prune_merge_tokens(hidden, metric, class_scores, size, positions, source, tome_kept.prune_kept,
-                              tome_kept.merge_kept, protected, trace_source)
+                              tome_kept.merge_kept, protected, trace_source, tome_kept.merge_match)
 
 
 
