@@ -18,7 +18,7 @@ from .adapters.registry import find_adapter
 from .blocks import compression_of
 from .budget import resolve_budget
 from .config import ToMeConfig
-from .schedule import clamp_r, kept_tokens_per_layer, merge_schedule
+from .schedule import fewest_after_matching, kept_tokens_per_layer, merge_schedule
 
 
 def _num_layers(model: nn.Module) -> int:
@@ -60,7 +60,7 @@ def _check_bipartite_reach(prune_kept: list[int], merge_kept: list[int], protect
     counts = kept_tokens_per_layer(prune_kept[0], prune_kept, merge_kept)
     for index in range(1, len(prune_kept)):
         survivors = min(prune_kept[index], counts[index])
-        lowest = survivors - clamp_r(survivors, survivors, protected)
+        lowest = fewest_after_matching(survivors, protected)
         if min(merge_kept[index], survivors) < lowest:
             raise ValueError(f"ToMeConfig.merge_kept={merge_kept} is invalid with merge_match='bipartite': layer "
                              f"{index} would merge {survivors} tokens down to {merge_kept[index]}, but one bipartite "

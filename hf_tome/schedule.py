@@ -33,6 +33,11 @@ def clamp_r(r: int, num_tokens: int, protected: int) -> int:
     return max(0, min(r, (num_tokens - protected) // 2))
 
 
+def fewest_after_matching(num_tokens: int, protected: int) -> int:
+    """The fewest tokens one bipartite step can leave of ``num_tokens`` (it merges at most half the unprotected)."""
+    return num_tokens - clamp_r(num_tokens, num_tokens, protected)
+
+
 def tokens_per_layer(num_tokens: int, schedule: Sequence[int], protected: int) -> list[int]:
     """Token count entering each layer, plus the count leaving the last one (length ``len(schedule) + 1``)."""
     counts = [num_tokens]

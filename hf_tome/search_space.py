@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from .adapters.registry import EncoderShape
 from .config import MERGE_MATCHES
 from .flops import encoder_report
-from .schedule import kept_tokens_per_layer
+from .schedule import fewest_after_matching, kept_tokens_per_layer
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class SearchSpace:
         matching a layer merges at most half of the unprotected survivors of pruning; the removal it cannot
         merge is left to the next layers.
         """
-        total, protected = self.num_tokens, self.shape.protected
+        total = self.num_tokens
         prune_kept, merge_kept = [total], [total]
         tokens = total
         for depth_profile, depth_share in zip(profile, share, strict=True):
@@ -101,7 +101,7 @@ class SearchSpace:
             pruned = round(depth_share * (tokens - merged))
             if merge_match == "bipartite":
                 survivors = tokens - pruned
-                merged = max(merged, survivors - (survivors - protected) // 2)
+                merged = max(merged, fewest_after_matching(survivors, self.shape.protected))
             prune_kept.append(tokens - pruned)
             merge_kept.append(merged)
             tokens = merged
