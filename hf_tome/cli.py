@@ -6,32 +6,43 @@
     hf-tome search --targets 0.7 0.55 # prune + merge rates under FLOPs targets -> budget table in the config
     hf-tome compress --target 0.75   # few-shot DC-ViT block compression on 500 unlabeled images
     hf-tome build-default             # only build (or locate) the embedded default model
+    hf-tome --version
+
+Building the parser imports no torch or transformers (the subcommands' options come from
+:mod:`hf_tome.cli_args`), so ``--help`` and ``--version`` answer at once; a subcommand imports what it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_args import DefaultsHelpFormatter, add_compress_arguments, add_search_arguments, add_serve_arguments
+
+
+def _add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
+
 
 def _add_bench(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="sweep r: accuracy, images/s and MACs against the unpatched model")
+    parser = _add_parser(subparsers, "bench", "sweep r: accuracy, images/s and MACs against the unpatched model")
     parser.add_argument("--model", default=None,
                         help="local folder or Hub id of an image classifier (default: the embedded DINOv2-S "
                              "Fashion-MNIST model, built on first use)")
     parser.add_argument("--dataset", default="fashion-mnist",
                         help="'fashion-mnist' (Debian package files), a folder written by Dataset.save_to_disk, "
                              "or a Hub dataset id; needs 'image' and 'label' columns")
-    parser.add_argument("--split", default="test", help="split of --dataset to evaluate (default: test)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--split", default="test", help="split of --dataset to evaluate")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (default: all)")
     parser.add_argument("--r", type=int, nargs="+", default=None,
                         help="constant r values to sweep (default: the r reaching each --macs-reductions factor)")
     parser.add_argument("--macs-reductions", type=float, nargs="+", default=None,
                         help="MACs reduction factors whose smallest constant r is swept (default: 1.5 2.0)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 where the CPU/GPU runs it natively, else float32")
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for JSON and plots")
@@ -50,7 +61,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _add_build_default(subparsers) -> None:
-    parser = subparsers.add_parser("build-default", help="build (or locate) the embedded default model and print it")
+    parser = _add_parser(subparsers, "build-default", "build (or locate) the embedded default model and print its "
+                         "folder")
     parser.set_defaults(run=_run_build_default)
 
 
@@ -62,9 +74,7 @@ def _run_build_default(args: argparse.Namespace) -> int:
 
 
 def _add_serve(subparsers) -> None:
-    from server.app import add_serve_arguments
-
-    parser = subparsers.add_parser("serve", help="serve a model over HTTP with LitServe (fixed token budgets)")
+    parser = _add_parser(subparsers, "serve", "serve a model over HTTP with LitServe (fixed token budgets)")
     add_serve_arguments(parser)
     parser.set_defaults(run=_run_serve)
 
@@ -77,10 +87,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_search(subparsers) -> None:
-    from .search import add_search_arguments
-
-    parser = subparsers.add_parser("search", help="search per-layer prune + merge rates under FLOPs targets and "
-                                   "write the budget table into the model's config")
+    parser = _add_parser(subparsers, "search", "search per-layer prune + merge rates under FLOPs targets and write "
+                         "the budget table into the model's config")
     add_search_arguments(parser)
     parser.set_defaults(run=_run_search)
 
@@ -93,10 +101,8 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _add_compress(subparsers) -> None:
-    from .compress import add_compress_arguments
-
-    parser = subparsers.add_parser("compress", help="few-shot DC-ViT block compression to a MACs target (runs "
-                                   "under `accelerate launch -m hf_tome.compress` too)")
+    parser = _add_parser(subparsers, "compress", "few-shot DC-ViT block compression to a MACs target (runs under "
+                         "`accelerate launch -m hf_tome.compress` too)")
     add_compress_arguments(parser)
     parser.set_defaults(run=_run_compress)
 
@@ -108,8 +114,21 @@ def _run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version, or ``hf_tome.__version__`` when running from a source tree."""
+    try:
+        return importlib.metadata.version("hf-tome")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-tome", description="Token merging for Hugging Face transformers.")
+    """The ``hf-tome`` parser with every subcommand (imports no torch or transformers)."""
+    parser = argparse.ArgumentParser(prog="hf-tome", description="Token merging for Hugging Face transformers.",
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hf-tome {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (_add_bench, _add_serve, _add_search, _add_compress, _add_build_default):
         add(subparsers)

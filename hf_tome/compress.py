@@ -16,7 +16,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 from .accel import make_accelerator
 from .block_budget import block_costs, plan_blocks
 from .blocks import CONFIG_KEY, encoder_layers, record_compression, split_units
+from .cli_args import CompressOptions, DefaultsHelpFormatter, add_compress_arguments
 from .dcvit import (
     STATE_MODEL,
     CompressionState,
@@ -38,35 +39,6 @@ from .dcvit import (
 from .flops import compute_report
 from .metric_set import generate_metric_set
 from .mimic import feature_mse, output_tokens
-
-
-@dataclass
-class CompressOptions:
-    """What ``hf-tome compress`` was asked to do (see ``hf-tome compress --help``)."""
-
-    target: float = 0.75
-    model: str | None = None
-    method: str = "dc-vit"
-    data: str = "fashion-mnist"
-    split: str = "train"
-    num_images: int = 500
-    image_column: str = "image"
-    out: Path = Path("results/compress")
-    resume: bool = False
-    epochs_per_block: float = 2.0
-    final_epochs: float = 0.0
-    trial_epochs: float = 0.25
-    batch_size: int = 16
-    lr: float = 3e-5
-    metric_images: int = 32
-    metric_steps: int = 40
-    importance: str = "activation"
-    mixed_precision: str | None = None
-    seed: int = 0
-    eval_dataset: str | None = None
-    eval_split: str = "test"
-    eval_limit: int | None = 1000
-    push_to_hub: str | None = None
 
 
 def load_unlabeled_pixels(options: CompressOptions, image_processor) -> tuple[torch.Tensor, str]:
@@ -210,42 +182,6 @@ def run_compress(options: CompressOptions) -> dict:
     return summary
 
 
-def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``hf-tome compress`` (shared with ``python -m hf_tome.compress``)."""
-    defaults = CompressOptions()
-    parser.add_argument("--target", type=float, default=defaults.target,
-                        help="MACs target: a fraction (<= 1) of the full model or GMACs per image (> 1)")
-    parser.add_argument("--model", default=None, help="local folder or Hub id of a ViT, DeiT or Dinov2 model "
-                        "(default: the embedded DINOv2-S Fashion-MNIST model)")
-    parser.add_argument("--method", choices=["dc-vit", "drop"], default=defaults.method,
-                        help="dc-vit (dense) or drop (whole blocks, the baseline)")
-    parser.add_argument("--data", default=defaults.data, help="unlabeled images: 'fashion-mnist', a folder of "
-                        "image files, a Dataset.save_to_disk folder or a Hub dataset id")
-    parser.add_argument("--split", default=defaults.split)
-    parser.add_argument("--num-images", type=int, default=defaults.num_images, help="unlabeled images used (50-1000)")
-    parser.add_argument("--image-column", default=defaults.image_column)
-    parser.add_argument("--out", type=Path, default=defaults.out, help="output folder (model/, state/, compress.json)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/state")
-    parser.add_argument("--epochs-per-block", type=float, default=defaults.epochs_per_block)
-    parser.add_argument("--final-epochs", type=float, default=defaults.final_epochs,
-                        help="more feature mimicking once every block is compressed (all of them trainable)")
-    parser.add_argument("--trial-epochs", type=float, default=defaults.trial_epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--metric-images", type=int, default=defaults.metric_images)
-    parser.add_argument("--metric-steps", type=int, default=defaults.metric_steps)
-    parser.add_argument("--importance", choices=["activation", "first"], default=defaults.importance,
-                        help="which MLP units survive: most active x largest output weights, or simply the first")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
-                        help="default: whatever `accelerate launch` / `accelerate config` says")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--eval-dataset", default=None, help="labelled dataset to measure accuracy and images/s "
-                        "for the model card ('fashion-mnist', a save_to_disk folder or a Hub id)")
-    parser.add_argument("--eval-split", default=defaults.eval_split)
-    parser.add_argument("--eval-limit", type=int, default=defaults.eval_limit)
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the model with its card")
-
-
 def options_from_args(args: argparse.Namespace) -> CompressOptions:
     """``CompressOptions`` from parsed ``add_compress_arguments`` arguments."""
     values = vars(args)
@@ -254,7 +190,8 @@ def options_from_args(args: argparse.Namespace) -> CompressOptions:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m hf_tome.compress`` / ``accelerate launch -m hf_tome.compress``."""
-    parser = argparse.ArgumentParser(prog="hf_tome.compress", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="hf_tome.compress", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     add_compress_arguments(parser)
     run_compress(options_from_args(parser.parse_args(argv)))
     return 0

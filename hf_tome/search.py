@@ -18,44 +18,17 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .budget import FULL_GFLOPS_KEY, IMAGE_SIZE_KEY, budget_in_gflops
-from .config import MERGE_MATCHES, ToMeConfig
+from .cli_args import DefaultsHelpFormatter, SearchOptions, add_search_arguments
+from .config import ToMeConfig
 from .search_space import Candidate, SearchSpace, sample_candidates
-
-
-@dataclass
-class SearchOptions:
-    """What ``hf-tome search`` was asked to do (see ``hf-tome search --help``)."""
-
-    model: str | None = None
-    dataset: str = "fashion-mnist"
-    split: str = "train"
-    targets: list[float] = field(default_factory=lambda: [0.7, 0.55])
-    method: str = "random"
-    candidates: int = 10_000
-    search_images: int = 1024
-    val_images: int = 1000
-    stage_images: list[int] = field(default_factory=lambda: [64, 256, 1024])
-    keep: float = 0.1
-    shaped: float = 0.75
-    merge_matches: list[str] = field(default_factory=lambda: list(MERGE_MATCHES))
-    batch_size: int = 64
-    dtype: str = "auto"
-    seed: int = 0
-    out: Path = Path("results/search")
-    save_model: Path | None = None
-    in_place: bool = False
-    baseline: bool = True
-    diffrate_steps: int = 100
-    diffrate_batch: int = 16
-    diffrate_lr: float = 0.05
-    flops_weight: float = 50.0
-    cpu: bool = False
 
 
 def _rank_key(scores: torch.Tensor, early: bool):
@@ -64,6 +37,99 @@ def _rank_key(scores: torch.Tensor, early: bool):
     if early:
         return lambda item: float(scores[item, 3])
     return lambda item: (-float(scores[item, 0]), float(scores[item, 1]))
+
+
+def stage_quota(members: int, keep: float, last: bool) -> int:
+    """How many of a bucket's ``members`` candidates survive a stage: its best one after the last stage, else
+    the best ``keep`` fraction, at least 2 (never more than there are)."""
+    return min(members, 1 if last else max(2, math.ceil(keep * members)))
+
+
+@dataclass(frozen=True)
+class SearchEstimate:
+    """The forward passes :func:`staged_random_search` will run and how long they should take.
+
+    ``stages`` holds, per stage, the candidates it evaluates, the images each one runs on (this process's share)
+    and the forward passes that takes per candidate. ``reference_passes`` are the uncompressed model's passes
+    of the stages before the last (their KL reference, once per image).
+    """
+
+    stages: tuple[tuple[int, int, int], ...]
+    reference_passes: int
+    batch_size: int
+    seconds_per_image: float
+    seconds: float
+
+    @property
+    def passes(self) -> int:
+        """Forward passes in all (candidates and references)."""
+        return sum(candidates * passes for candidates, _, passes in self.stages) + self.reference_passes
+
+    def message(self, device: str, processes: int = 1) -> str:
+        """One line for the log, e.g. ``estimated search time: ~2.8 h (15,604 forward passes ...)``."""
+        first, *rest = self.stages
+        parts = [f"{first[0]:,} candidates x {first[2]:,} pass{'es' if first[2] != 1 else ''} ({first[1]:,} images)"]
+        parts += [f"{candidates:,} x {passes:,} ({images:,} images)" for candidates, images, passes in rest]
+        if self.reference_passes:
+            parts.append(f"and {self.reference_passes:,} uncompressed reference pass"
+                         f"{'es' if self.reference_passes != 1 else ''}")
+        where = f"{device} x {processes} processes" if processes > 1 else device
+        return (f"estimated search time: {format_duration(self.seconds)} ({self.passes:,} forward passes of up to "
+                f"{self.batch_size} images on {where}: {', '.join(parts)}; "
+                f"{self.seconds_per_image * self.batch_size:.3g} s per pass of {self.batch_size} images, measured); "
+                f"use --candidates N to shorten")
+
+
+def estimate_search(bucket_sizes: Sequence[int], stage_images: Sequence[int], keep: float, batch_size: int,
+                    seconds_per_image: float) -> SearchEstimate:
+    """The passes and seconds of :func:`staged_random_search` on buckets of ``bucket_sizes`` candidates.
+
+    Stage ``k`` runs every surviving candidate on ``stage_images[k]`` images (this process's share) in passes of
+    up to ``batch_size``, then keeps :func:`stage_quota` of every bucket. The stages before the last also run
+    the uncompressed model once on the images no earlier stage referenced (the stages' images are taken to grow
+    as prefixes, as they do in one process). The seconds are the images run through the model times
+    ``seconds_per_image``, measured on the candidates (block 0 replayed); caching block 0 (one block per image,
+    once) is left out.
+    """
+    sizes, stages, reference_passes, images_run, referenced = list(bucket_sizes), [], 0, 0, 0
+    for number, images in enumerate(stage_images):
+        last = number == len(stage_images) - 1
+        evaluated = sum(sizes)
+        stages.append((evaluated, images, math.ceil(images / batch_size)))
+        images_run += evaluated * images
+        if not last and images > referenced:
+            reference_passes += math.ceil((images - referenced) / batch_size)
+            images_run += images - referenced
+            referenced = images
+        sizes = [stage_quota(size, keep, last) for size in sizes]
+    return SearchEstimate(tuple(stages), reference_passes, batch_size, seconds_per_image,
+                          images_run * seconds_per_image)
+
+
+def format_duration(seconds: float) -> str:
+    """``~45 s``, ``~12 min`` or ``~2.3 h``."""
+    if seconds < 1:
+        return "<1 s"
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+def measure_search_estimate(evaluator, candidates: list[Candidate], stage_images: list[int],
+                            keep: float) -> SearchEstimate:
+    """:func:`estimate_search` with the seconds per image measured on this machine: one pass of a batch of the
+    search images for the first candidate of every bucket (after a warm-up pass)."""
+    buckets = Counter(candidate.target for candidate in candidates)
+    first = {}
+    for candidate in candidates:
+        first.setdefault(candidate.target, candidate)
+    seconds_per_image = evaluator.seconds_per_image([first[target].setting for target in sorted(first)],
+                                                    max(stage_images))
+    local_images = [len(evaluator.local_indices(count)) for count in stage_images]
+    return estimate_search([buckets[target] for target in sorted(buckets)], local_images, keep,
+                           evaluator.batch_size, seconds_per_image)
 
 
 def staged_random_search(evaluator, candidates: list[Candidate], stage_images: list[int], keep: float,
@@ -84,8 +150,7 @@ def staged_random_search(evaluator, candidates: list[Candidate], stage_images: l
         for target in sorted({c.target for c in survivors}):
             members = sorted((i for i, c in enumerate(survivors) if c.target == target),
                              key=_rank_key(scores, early=not last))
-            quota = 1 if last else max(2, math.ceil(keep * len(members)))
-            chosen.extend(members[:quota])
+            chosen.extend(members[: stage_quota(len(members), keep, last)])
         kept = [survivors[i] for i in chosen]
         accuracy = [float(scores[i, 0] / scores[i, 2]) for i in chosen]
         stages.append({"images": int(scores[0, 2]) if len(scores) else 0, "evaluated": len(survivors),
@@ -164,6 +229,11 @@ def run_search(options: SearchOptions) -> dict:
     if options.method == "random":
         candidates = sample_candidates(space, targets, options.candidates, options.seed, shaped=options.shaped,
                                        merge_matches=options.merge_matches)
+        estimate = measure_search_estimate(searcher, candidates, stage_images, options.keep)
+        log["estimate"] = {"seconds": estimate.seconds, "passes": estimate.passes,
+                           "seconds_per_image": estimate.seconds_per_image}
+        if accelerator.is_main_process:
+            print(estimate.message(accelerator.device.type, accelerator.num_processes), file=sys.stderr)
         best, search_accuracy, log["stages"] = staged_random_search(searcher, candidates, stage_images, options.keep,
                                                                     accelerator)
     elif options.method == "diffrate":
@@ -295,47 +365,6 @@ def plot_search(payload: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``hf-tome search`` (shared with ``python -m hf_tome.search``)."""
-    defaults = SearchOptions()
-    parser.add_argument("--model", default=None, help="local folder or Hub id of an image classifier (default: the "
-                        "embedded DINOv2-S Fashion-MNIST model)")
-    parser.add_argument("--dataset", default=defaults.dataset, help="'fashion-mnist', a Dataset.save_to_disk folder "
-                        "or a Hub dataset id, with 'image' and 'label' columns")
-    parser.add_argument("--split", default=defaults.split, help="labelled split, cut into search and validation "
-                        "images (default: train)")
-    parser.add_argument("--targets", type=float, nargs="+", default=defaults.targets,
-                        help="FLOPs targets: fractions (<= 1) of the full model's MACs or GFLOPs (> 1)")
-    parser.add_argument("--method", choices=["random", "diffrate"], default=defaults.method)
-    parser.add_argument("--candidates", type=int, default=defaults.candidates, help="random candidates in all")
-    parser.add_argument("--search-images", type=int, default=defaults.search_images)
-    parser.add_argument("--val-images", type=int, default=defaults.val_images)
-    parser.add_argument("--stage-images", type=int, nargs="+", default=defaults.stage_images,
-                        help="images per evaluation stage (growing); the last stage picks each bucket's best")
-    parser.add_argument("--keep", type=float, default=defaults.keep, help="fraction of each bucket kept per stage")
-    parser.add_argument("--shaped", type=float, default=defaults.shaped, help="fraction of the random candidates "
-                        "drawn with ToMe-like shapes and small prune shares (the rest: any non-increasing profile)")
-    parser.add_argument("--merge-matches", nargs="+", choices=list(MERGE_MATCHES), default=defaults.merge_matches,
-                        help="merge rules the random candidates take in turn: class_attention (merge the tokens "
-                        "ranked below merge_kept into their most similar kept token) and/or bipartite (ToMe's "
-                        "matching on the survivors of pruning); each row stores the rule it won with. Random "
-                        "search only: --method diffrate relaxes the class-attention rule")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--out", type=Path, default=defaults.out, help="folder for search.json and search.png")
-    parser.add_argument("--save-model", type=Path, default=None, help="where to save the model with its budget "
-                        "table (default: <out>/model)")
-    parser.add_argument("--in-place", action="store_true", help="also write the table into --model's config.json")
-    parser.add_argument("--no-baseline", action="store_true", help="skip constant-r ToMe on the validation images")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is available")
-    parser.add_argument("--diffrate-steps", type=int, default=defaults.diffrate_steps)
-    parser.add_argument("--diffrate-batch", type=int, default=defaults.diffrate_batch)
-    parser.add_argument("--diffrate-lr", type=float, default=defaults.diffrate_lr)
-    parser.add_argument("--flops-weight", type=float, default=defaults.flops_weight,
-                        help="lambda of the FLOPs penalty of the differentiable search")
-
-
 def options_from_args(args: argparse.Namespace) -> SearchOptions:
     """``SearchOptions`` from parsed ``add_search_arguments`` arguments."""
     values = vars(args).copy()
@@ -345,7 +374,8 @@ def options_from_args(args: argparse.Namespace) -> SearchOptions:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m hf_tome.search`` / ``accelerate launch -m hf_tome.search``."""
-    parser = argparse.ArgumentParser(prog="hf_tome.search", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="hf_tome.search", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     add_search_arguments(parser)
     run_search(options_from_args(parser.parse_args(argv)))
     return 0

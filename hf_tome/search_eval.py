@@ -179,6 +179,25 @@ class CachedEvaluator:
         self.set_kept(None, None)
         return self._gather(totals)
 
+    def seconds_per_image(self, configs: Sequence[tuple], count: int) -> float:
+        """Forward seconds per image of ``configs`` run as :meth:`evaluate` runs them (block 0 replayed), for the
+        run-time estimate of a search: one pass of a batch of this process's share of the first ``count`` images
+        per configuration, after one untimed warm-up pass; the mean over ``configs``. 0 without images."""
+        indices = self.local_indices(count)[: self.batch_size]
+        if not indices or not configs:
+            return 0.0
+        hidden, _, _ = next(self.batches(indices))
+        seconds = []
+        with torch.inference_mode(), self.replaying() as replay:
+            for number, kept in enumerate([configs[0], *configs]):
+                self.set_kept(*kept[:2], merge_match=kept[2] if len(kept) > 2 else "class_attention")
+                begin = time.perf_counter()
+                float(self.logits_from_block0(replay, hidden)[0, 0])  # reading a value waits for the device
+                if number:
+                    seconds.append(time.perf_counter() - begin)
+        self.set_kept(None, None)
+        return sum(seconds) / len(seconds) / len(indices)
+
     def _cache_reference(self, replay: _ReplayBlock, indices: Sequence[int]) -> None:
         """Log-probabilities of the uncompressed model for ``indices`` (inside :meth:`replaying`)."""
         missing = [index for index in indices if index not in self._reference]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import litserve as ls
 
+from hf_tome.cli_args import DefaultsHelpFormatter, add_serve_arguments
+
 from .api import ImageClassificationAPI
 from .budgets import DEFAULT_BUDGET_SPECS
 from .guard import Limits, RequestGuard
@@ -75,21 +77,6 @@ def run_server(options: ServerOptions) -> None:
     server.run(host=options.host, port=options.port, generate_client_file=False, num_api_servers=1)
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local folder or Hub id (default: the embedded default model)")
-    parser.add_argument("--budget", dest="budgets", action="append", default=None,
-                        help="name=spec, repeatable; spec is r:<int>[,<inflect>] or macs:<fraction> "
-                             f"(default: {' '.join(DEFAULT_BUDGET_SPECS)}); the first is the default")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="1 turns batching off")
-    parser.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait to fill a batch")
-    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the inference worker")
-    parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
-    parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
-
-
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     if args.max_batch_size < 1:
         raise ValueError(f"--max-batch-size={args.max_batch_size} is invalid: expected an integer >= 1")
@@ -100,7 +87,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hf-tome serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hf-tome serve", description=__doc__, formatter_class=DefaultsHelpFormatter)
     add_serve_arguments(parser)
     run_server(options_from_args(parser.parse_args(argv)))
 
