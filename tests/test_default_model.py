@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import AutoImageProcessor
+import torch
+from transformers import AutoImageProcessor, Dinov2ForImageClassification
 
 import hf_tome
 from hf_tome.assets.cache import AssetUnavailableError
 from hf_tome.assets.default_model import default_model_path
+from hf_tome.assets.dinov2 import dinov2_small_path
 from hf_tome.assets.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 from hf_tome.evaluation import evaluate_classifier
 
@@ -40,3 +42,25 @@ def test_default_model_loads_with_merging_and_classifies(small_default_model: Pa
     assert plain.accuracy > 0.5  # ten classes: chance is 0.1
     assert merged.accuracy > plain.accuracy - 0.1
     assert hf_tome.compute_report(hf_tome.apply(model, r=8), (224, 224)).tokens_in[:3] == [257, 249, 241]
+
+
+def test_default_model_config_is_the_224_px_model_it_runs_as(small_default_model: Path) -> None:
+    model = Dinov2ForImageClassification.from_pretrained(small_default_model).eval()
+    assert model.config.image_size == 224
+    assert tuple(model.dinov2.embeddings.position_embeddings.shape) == (1, 257, 384)
+    report = hf_tome.compute_report(model)  # no image size: the config's, which is what the processor gives
+    assert report.tokens_in[0] == 257
+    assert report.gmacs == pytest.approx(6.124, abs=5e-4)  # the README's full-model GMACs at 224 px
+    # The converted backbone (518 px config, 37x37 grid interpolated on the fly) with the same head computes the
+    # same logits at 224 px and, asked for 224 px explicitly, reports the same MACs.
+    original = Dinov2ForImageClassification.from_pretrained(dinov2_small_path(), num_labels=10).eval()
+    original.classifier.load_state_dict(model.classifier.state_dict())
+    assert original.config.image_size == 518
+    assert hf_tome.compute_report(original, (224, 224)).total_macs == report.total_macs
+    processor = AutoImageProcessor.from_pretrained(small_default_model)
+    images = list(load_fashion_mnist("test", limit=4)["image"])
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert tuple(pixel_values.shape[-2:]) == (224, 224)
+    with torch.no_grad():
+        difference = (model(pixel_values=pixel_values).logits - original(pixel_values=pixel_values).logits).abs()
+    assert float(difference.max()) <= 1e-4
