@@ -22,6 +22,8 @@ FULL_GFLOPS_KEY = "budget_full_gflops"
 """``ToMeConfig.extra`` key: GMACs of the uncompressed model at the input size the table was searched at."""
 IMAGE_SIZE_KEY = "budget_image_size"
 """``ToMeConfig.extra`` key: the (height, width) the table was searched at."""
+BUDGET_EXTRA_KEYS = (FULL_GFLOPS_KEY, IMAGE_SIZE_KEY)
+"""The ``ToMeConfig.extra`` keys a budget search stores, accepted for every model family."""
 
 
 def full_gflops_for_tokens(model: nn.Module, num_tokens: int) -> float:

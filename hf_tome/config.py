@@ -22,6 +22,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _unknown_fields(names: Any) -> ValueError | None:
+    """The error for names that are not ``ToMeConfig`` fields, or None when every name is one."""
+    known = {f.name for f in fields(ToMeConfig)}
+    unknown = sorted(set(names) - known)
+    if not unknown:
+        return None
+    return ValueError(f"unknown ToMeConfig field(s) {unknown}: expected some of {sorted(known)}")
+
+
 def _check_kept_list(name: str, kept: Any) -> None:
     """Kept-token lists must be positive ints that never grow with depth."""
     if kept is None:
@@ -39,10 +52,12 @@ class ToMeConfig:
     """Settings of token merging (ToMe) and unified token compression for one model.
 
     Args:
-        r: tokens merged away in every layer (an int), or an explicit per-layer list (padded with 0 when
-            shorter than the model). r is clamped per layer to half of the unprotected tokens.
+        r: tokens merged away in every layer (an int), ToMe's ``(r, inflect)`` pair (a tuple: ``r=(16, -1)`` is
+            ``r=16, inflect=-1.0``, which is what the config stores), or an explicit per-layer list (padded with 0
+            when shorter than the model). r is clamped per layer to half of the unprotected tokens.
         inflect: shape of the schedule for an int ``r``, in [-1, 1]: 0 is constant, -1 decreases from 2r
-            to 0 across depth, +1 increases from 0 to 2r. Ignored when ``r`` is a list.
+            to 0 across depth, +1 increases from 0 to 2r. Ignored when ``r`` is a list; a tuple ``r`` sets it
+            (an ``inflect=`` given with it must be the same).
         prop_attn: add ``log(size)`` of each key token to the attention logits (proportional attention).
         trace_source: track which original patches every token holds (needed for visualisation).
         prune_kept: per-layer number of tokens kept after pruning by class attention (unified compression).
@@ -56,7 +71,7 @@ class ToMeConfig:
         budget: the FLOPs budget (GFLOPs, or a fraction of the full model's) picked from ``budget_table``.
     """
 
-    r: int | list[int] = 0
+    r: int | tuple[int, float] | list[int] = 0  # a tuple is stored as r and inflect
     inflect: float = 0.0
     prop_attn: bool = True
     trace_source: bool = False
@@ -67,14 +82,37 @@ class ToMeConfig:
     budget: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> ToMeConfig:
+        # Checked before the dataclass __init__, which would raise a bare TypeError for an unknown keyword.
+        error = _unknown_fields(kwargs)
+        if error is not None:
+            raise error
+        config = super().__new__(cls)
+        if "inflect" in kwargs or len(args) > 1:
+            config._inflect_given = True  # read (and dropped) by __post_init__
+        return config
+
     def __post_init__(self) -> None:
+        inflect_given = self.__dict__.pop("_inflect_given", False)
         if isinstance(self.r, tuple):
-            self.r = list(self.r)
+            self._split_r_pair(inflect_given)
         if isinstance(self.prune_kept, tuple):
             self.prune_kept = list(self.prune_kept)
         if isinstance(self.merge_kept, tuple):
             self.merge_kept = list(self.merge_kept)
         self.validate()
+
+    def _split_r_pair(self, inflect_given: bool) -> None:
+        """``r=(16, -1)`` (ToMe's notation) becomes ``r=16, inflect=-1.0``."""
+        pair = self.r
+        if (len(pair) != 2 or not _is_int(pair[0]) or pair[0] < 0 or not _is_number(pair[1])
+                or not -1 <= pair[1] <= 1):
+            raise _invalid("r", pair, "an (r, inflect) pair of an int r >= 0 and a number inflect in [-1, 1] "
+                                      "(a list gives one r per layer)")
+        if inflect_given and self.inflect != pair[1]:
+            raise ValueError(f"ToMeConfig.r={pair!r} sets inflect={pair[1]!r}, but inflect={self.inflect!r} is given "
+                             f"too: expected one of the two (r={pair!r}, or r={pair[0]} with inflect={self.inflect!r})")
+        self.r, self.inflect = pair[0], float(pair[1])
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field, the value and what is allowed, for the first invalid field."""
@@ -136,10 +174,9 @@ class ToMeConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ToMeConfig:
         """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError`` listing the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ToMeConfig field(s) {unknown}: expected some of {sorted(known)}")
+        error = _unknown_fields(data)
+        if error is not None:
+            raise error
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -152,5 +189,8 @@ class ToMeConfig:
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> ToMeConfig:
-        """A validated copy with some fields changed."""
-        return ToMeConfig.from_dict({**self.to_dict(), **changes})
+        """A validated copy with some fields changed (a tuple ``r`` replaces ``inflect`` too)."""
+        data = {**self.to_dict(), **changes}
+        if isinstance(changes.get("r"), tuple) and "inflect" not in changes:
+            del data["inflect"]  # the pair's inflect, not this config's
+        return ToMeConfig.from_dict(data)

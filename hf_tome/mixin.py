@@ -11,6 +11,20 @@ from torch import nn
 class ToMeModelMixin:
     """Mixed into the patched classes: configure merging from the model and save like the stock class."""
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        """Load the stock class's checkpoint and patch it: ``ToMeViTModel.from_pretrained(folder, tome_r=8)``.
+
+        transformers converts old checkpoint key names only for classes defined inside ``transformers``, so a
+        patched class loading by itself would silently leave renamed layers at random weights; the stock class
+        loads instead, and the ToMe settings come from ``tome_config=`` / ``tome_<field>=`` / the saved config,
+        as with the hf_tome Auto classes.
+        """
+        from .adapters.registry import stock_class_of
+        from .modeling import load_patched
+
+        return load_patched(stock_class_of(cls), pretrained_model_name_or_path, *model_args, **kwargs)
+
     @property
     def tome_config(self):
         """The ``ToMeConfig`` this model runs with."""

@@ -41,21 +41,46 @@ def _block_compressed_class(stock_class: type[nn.Module]) -> type[nn.Module]:
     return type(stock_class.__name__, (stock_class,), {"__init__": __init__, "__module__": stock_class.__module__})
 
 
-def _load(auto_class: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> nn.Module:
-    """``auto_class.from_pretrained``, rebuilding DC-ViT compressed blocks before the weights are loaded."""
-    config = kwargs.pop("config", None)
-    if config is None:
-        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
-        config = transformers.AutoConfig.from_pretrained(pretrained_model_name_or_path,
-                                                         trust_remote_code=kwargs.get("trust_remote_code"),
-                                                         **hub_kwargs)
-    if not getattr(config, CONFIG_KEY, None):
-        return auto_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-    stock_class = _get_model_class(config, auto_class._model_mapping)
+def _peek_config(pretrained_model_name_or_path: Any, kwargs: dict[str, Any]) -> Any:
+    """The checkpoint's config (or ``config=``), read only to see whether it has DC-ViT compressed blocks.
+
+    It is not handed on: transformers reads the config again itself, so config keywords such as
+    ``num_labels=10`` still update it there instead of reaching the model's ``__init__``.
+    """
+    if kwargs.get("config") is not None:
+        return kwargs["config"]
+    hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+    return transformers.AutoConfig.from_pretrained(pretrained_model_name_or_path,
+                                                   trust_remote_code=kwargs.get("trust_remote_code"), **hub_kwargs)
+
+
+def load_stock(stock_class: type[nn.Module], pretrained_model_name_or_path: Any, *model_args: Any,
+               **kwargs: Any) -> nn.Module:
+    """``stock_class.from_pretrained`` (a transformers class, so its checkpoint key conversion runs), rebuilding
+    DC-ViT compressed blocks before the weights are loaded."""
+    if not getattr(_peek_config(pretrained_model_name_or_path, kwargs), CONFIG_KEY, None):
+        return stock_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
     model = _block_compressed_class(stock_class).from_pretrained(pretrained_model_name_or_path, *model_args,
-                                                                  config=config, **kwargs)
+                                                                  **kwargs)
     model.__class__ = stock_class  # saves, patches and prints as the stock class
     return model
+
+
+def _load(auto_class: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> nn.Module:
+    """``auto_class.from_pretrained``, rebuilding DC-ViT compressed blocks before the weights are loaded."""
+    config = _peek_config(pretrained_model_name_or_path, kwargs)
+    if not getattr(config, CONFIG_KEY, None):
+        return auto_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+    stock_class = _get_model_class(config, auto_class._model_mapping)
+    return load_stock(stock_class, pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+def load_patched(stock_class: type[nn.Module], pretrained_model_name_or_path: Any, *model_args: Any,
+                 tome_config: ToMeConfig | dict | None = None, **kwargs: Any) -> nn.Module:
+    """``stock_class`` loaded like transformers does, then patched as the hf_tome Auto classes patch."""
+    overrides = _split_tome_kwargs(kwargs)
+    model = load_stock(stock_class, pretrained_model_name_or_path, *model_args, **kwargs)
+    return _patch_loaded(model, tome_config, overrides)
 
 
 class _ToMeAutoClass:

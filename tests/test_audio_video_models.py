@@ -77,6 +77,7 @@ def base_output(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> hf_tome.To
         return model.base_model(x, **kwargs)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ALL)
 def test_r0_equals_unpatched(name):
     model, x = make(name), inputs(name)
@@ -136,6 +137,7 @@ def test_protected_tokens_stay_in_place_and_sources_add_up(name):
     assert torch.equal(source.argmax(1), out.token_positions)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ALL)
 def test_batch_invariance(name):
     model, x = make(name), inputs(name)
@@ -146,6 +148,7 @@ def test_batch_invariance(name):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", list(CLASSIFIERS))
 def test_save_load_round_trip(name, tmp_path):
     model, x = make(name), inputs(name)
@@ -169,6 +172,7 @@ def test_save_load_round_trip(name, tmp_path):
         torch.testing.assert_close(plain(x).logits, model(x).logits, atol=1e-6, rtol=0)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ALL)
 def test_eager_equals_sdpa_with_proportional_attention(name):
     sdpa, eager, x = make(name, "sdpa"), make(name, "eager"), inputs(name)
@@ -267,6 +271,7 @@ def test_report_parts():
     assert hf_tome.compute_report(make("ast-cls"), (32, 16)) == ast_report
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ["ast", "videomae-cls", "vivit-cls"])
 def test_attentions_are_recorded_at_every_merged_size(name):
     model, x = make(name, "eager"), inputs(name, batch=2)
@@ -304,6 +309,7 @@ def test_backward_in_train_mode(name, checkpointing):
     assert missing == []
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ["videomae", "vivit-cls"])
 def test_remove_restores_original_forward(name):
     model, x = make(name), inputs(name)

@@ -85,6 +85,7 @@ def test_infeasible_targets_name_the_range():
     assert drop.kept_units == 0 and drop.num_blocks == round(0.3 * costs.full_macs / costs.block_macs)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", BLOCK_FAMILIES)
 def test_save_and_reload_rebuilds_the_compressed_blocks(name, pixels, tmp_path):
     model = make_model(name, num_hidden_layers=5)

@@ -14,8 +14,9 @@ def test_json_round_trip():
     assert ToMeConfig.from_dict(pruning.to_dict()) == pruning
 
 
-def test_tuple_r_becomes_list():
-    assert ToMeConfig(r=(1, 2)).r == [1, 2]
+def test_tuple_r_is_tomes_r_and_inflect_and_a_list_is_per_layer():
+    assert ToMeConfig(r=(16, -1)) == ToMeConfig(r=16, inflect=-1.0)
+    assert ToMeConfig(r=[1, 2]).r == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,7 @@ def test_block_formula():
 def test_vit_base_reduction_ratios(r, expected_ratio):
     model = _meta_vit()
     full = hf_tome.compute_report(model).total_macs
-    config = hf_tome.ToMeConfig(r=r[0], inflect=r[1]) if isinstance(r, tuple) else hf_tome.ToMeConfig(r=r)
-    hf_tome.apply(model, config)
+    hf_tome.apply(model, hf_tome.ToMeConfig(r=r))  # (16, -1.0): ToMe's (r, inflect) notation
     report = hf_tome.compute_report(model)
     assert report.tokens_in[:3] == ([197, 181, 165] if expected_ratio == 2.0 else [197, 165, 136])
     assert round(full / report.total_macs, 1) == expected_ratio

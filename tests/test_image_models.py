@@ -23,6 +23,7 @@ def _record_tokens_in(model, pixels) -> list[int]:
     return tokens_seen_by(_layers(model), lambda: model(pixels))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ALL)
 def test_r0_equals_unpatched(name, pixels):
     model = make_model(name)
@@ -78,6 +79,7 @@ def test_protected_tokens_stay_in_place(name, pixels):
     assert hf_tome.unmerge(out.last_hidden_state, out.token_positions).shape == (4, 64 + protected, 32)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ALL)
 def test_remove_restores_original_forward(name, pixels):
     model = make_model(name)
@@ -98,6 +100,7 @@ def test_remove_restores_original_forward(name, pixels):
         assert torch.equal(main_output(model(pixels)), reference)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ["vit-cls", "deit-teacher", "dinov2-reg-cls"])
 def test_save_load_round_trip(name, pixels, tmp_path):
     model = make_model(name)
@@ -127,6 +130,7 @@ def test_base_model_auto_class_and_tome_config_keyword(tmp_path, pixels):
         hf_tome.AutoModel.from_pretrained(tmp_path, tome_colour=1)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ALL)
 def test_batch_invariance(name, pixels):
     model = make_model(name)
@@ -137,6 +141,7 @@ def test_batch_invariance(name, pixels):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ["vit-cls", "deit-teacher", "dinov2-cls", "dinov2-reg"])
 def test_eager_equals_sdpa_with_proportional_attention(name, pixels):
     sdpa, eager = make_model(name, "sdpa"), make_model(name, "eager")
@@ -192,6 +197,7 @@ def test_unsupported_model_lists_supported():
         hf_tome.apply(model, r=4)
 
 
+@pytest.mark.compat
 def test_output_hidden_states_and_return_dict_false(pixels):
     model = make_model("dinov2-cls")
     hf_tome.apply(model, r=8)

@@ -55,7 +55,7 @@ def test_bipartite_merges_only_the_survivors_of_class_attention_pruning(name, pi
     survivors = 40
     model = make_model(name)
     # Only block 1 compresses: prune to 40 by class attention, then bipartite matching merges 40 down to 30.
-    hf_tome.apply(model, prune_kept=[total, survivors, survivors, survivors], merge_kept=[total, 30, 30, 30],
+    hf_tome.apply(model, prune_kept=[total, survivors, 30, 30], merge_kept=[total, 30, 30, 30],
                   merge_match="bipartite", trace_source=True)
     with torch.no_grad():
         out = model.base_model(pixels)
@@ -89,10 +89,10 @@ def test_bipartite_counts_out_of_reach_raise_naming_the_layer_and_the_bound():
                                          r"merge_match='bipartite': layer 1 would merge 40 tokens down to 10, but one "
                                          r"bipartite step merges at most half of the 39 unprotected ones; expected "
                                          r"merge_kept\[1\] >= 21"):
-        hf_tome.apply(model, prune_kept=[65, 40, 40, 40], merge_kept=[65, 10, 10, 10], merge_match="bipartite")
+        hf_tome.apply(model, prune_kept=[65, 40, 10, 10], merge_kept=[65, 10, 10, 10], merge_match="bipartite")
     assert not hf_tome.is_patched(model)
     # The same counts are fine for the class-attention rule, which can merge any number of tokens.
-    hf_tome.apply(model, prune_kept=[65, 40, 40, 40], merge_kept=[65, 10, 10, 10])
+    hf_tome.apply(model, prune_kept=[65, 40, 10, 10], merge_kept=[65, 10, 10, 10])
 
 
 def test_bad_merge_match_raises():

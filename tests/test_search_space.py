@@ -58,6 +58,8 @@ def test_candidates_land_in_a_narrow_band_under_each_target(space):
         kept = [min(p, m) for p, m in zip(candidate.prune_kept, candidate.merge_kept, strict=True)]
         assert all(a >= b for a, b in zip(candidate.merge_kept, candidate.merge_kept[1:], strict=False))
         assert all(p >= m for p, m in zip(candidate.prune_kept, candidate.merge_kept, strict=True))
+        # No layer keeps more tokens than enter it (hf_tome.apply refuses that).
+        assert all(p <= m for p, m in zip(candidate.prune_kept[1:], candidate.merge_kept, strict=False))
         assert min(kept) >= space.min_kept
 
 

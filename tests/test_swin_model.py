@@ -62,6 +62,7 @@ def _stock_macs(config, grid: int, num_labels: int) -> int:
     return total + channels * num_labels
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", list(CLASSES))
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("overrides", [{}, {"image_size": 40, "patch_size": 4}], ids=["divisible", "padded"])
@@ -107,6 +108,7 @@ def test_output_grid_shapes_unchanged(name, merge_mlp, pixels):
     assert torch.isfinite(main_output(merged)).all()
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("merge_mlp", [False, True])
 @pytest.mark.parametrize("overrides", [{}, {"image_size": 40, "patch_size": 4}], ids=["divisible", "padded"])
 def test_batch_invariance(merge_mlp, overrides, pixels):
@@ -119,6 +121,7 @@ def test_batch_invariance(merge_mlp, overrides, pixels):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
 
 
+@pytest.mark.compat
 def test_eager_equals_sdpa_with_merged_windows(pixels):
     outputs = []
     for implementation in ("sdpa", "eager"):
@@ -129,6 +132,7 @@ def test_eager_equals_sdpa_with_merged_windows(pixels):
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.compat
 def test_save_load_round_trip(pixels, tmp_path):
     model = make_swin()
     hf_tome.apply(model, prop_attn=False, extra={"swin_stage_r": [4, 2], "swin_merge_mlp": True})
@@ -189,7 +193,9 @@ def test_unsupported_swin_variants_raise(model_class):
     ({"r": 2, "extra": {"swin_stage_r": [1, 1]}}, "expected r=0"),
     ({"extra": {"swin_stage_r": [1, 1, 1]}}, "expected a list of 2 ints"),
     ({"extra": {"swin_merge_mlp": 1}}, "expected True or False"),
-    ({"extra": {"swin_window_r": 2}}, r"unknown Swin option\(s\) \['swin_window_r'\]"),
+    ({"extra": {"swin_window_r": 2}}, r"ToMeConfig.extra has unknown key\(s\) \['swin_window_r'\] for the swin "
+                                      r"adapter: expected some of \['budget_full_gflops', 'budget_image_size', "
+                                      r"'swin_bias', 'swin_merge_mlp', 'swin_stage_r'\]$"),
     ({"trace_source": True}, "expected trace_source=False"),
     ({"extra": {"swin_bias": "mean"}}, r"expected one of \('logsumexp', 'representative'\)"),
 ])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from transformers.models.audio_spectrogram_transformer import modeling_audio_spectrogram_transformer as ast_hf
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -45,8 +47,8 @@ class ToMeASTModel(ToMeModelMixin, ast_hf.ASTModel):
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, input_values: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> TokenMergeOutput:
-        embedding_output = self.embeddings(input_values)
+                **kwargs: Unpack[TransformersKwargs]) -> TokenMergeOutput:
+        embedding_output = self.embeddings(input_values=input_values)
         # Both summary tokens are protected: they are still at positions 0 and 1, each of size 1.
         return encode_and_pool(self, embedding_output, attention_mask,
                                lambda sequence: (sequence[:, 0] + sequence[:, 1]) / 2, **kwargs)

@@ -13,14 +13,19 @@ attention for ``need_class_attention`` and calls ``reduce_layer_tokens``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from ..ops import (
     bipartite_soft_matching,
@@ -101,9 +106,10 @@ class ReductionPlan:
 class TokenMergeOutput(BaseModelOutputWithPooling):
     """``BaseModelOutputWithPooling`` plus what a merged sequence needs to be read correctly.
 
-    token_sizes: [B, N, 1] how many original tokens each output token stands for (None when nothing merged).
+    token_sizes: [B, N, 1] how many original tokens each output token stands for (None when nothing merged);
+        float32 whatever the model dtype, so the counts stay exact.
     token_positions: [B, N_orig] index of the output token holding each original token (for unmerging).
-    token_source: [B, N, N_orig] 0/1 membership matrix, when ``trace_source`` is on.
+    token_source: [B, N, N_orig] 0/1 membership matrix (float32), when ``trace_source`` is on.
     """
 
     token_sizes: torch.Tensor | None = None
@@ -122,7 +128,7 @@ class KeyMetricAttentionMixin:
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, need_keys: bool = False,
-        need_class_attention: bool = False, **kwargs,
+        need_class_attention: bool = False, **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, ...]:
         """Returns ``(output, weights, keys)``, plus the class attention [B, N] when ``need_class_attention``."""
         input_shape = hidden_states.shape[:-1]
@@ -148,27 +154,33 @@ def proportional_attention_mask(
 ) -> torch.Tensor | None:
     """Additive float mask [B, 1, 1, N] of ``log(size)`` per key token (works for eager and sdpa alike).
 
-    ``size`` None means every token still has size 1, where the bias is zero and the fused path is kept.
+    ``size`` None means every token still has size 1, where the bias is zero and the fused path is kept. The log
+    is taken in float32 from the float32 sizes; only the result is cast to ``dtype``, the attention's dtype
+    (sdpa requires the mask in the query's dtype, and eager would otherwise promote its logits to float32).
     """
     if not prop_attn or size is None:
         return attention_mask
     if attention_mask is not None:
         raise ValueError("hf_tome: attention_mask cannot be combined with merged tokens; expected attention_mask=None")
-    return size.log().to(dtype)[:, None, None, :, 0]
+    return size.float().log().to(dtype)[:, None, None, :, 0]
 
 
 def _start_tracking(
     hidden: torch.Tensor, size: torch.Tensor | None, positions: torch.Tensor | None, source: torch.Tensor | None,
     trace_source: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Sizes, positions (and sources, when traced) of a sequence about to be reduced for the first time."""
+    """Sizes, positions (and sources, when traced) of a sequence about to be reduced for the first time.
+
+    Sizes and sources are float32 whatever the model dtype: they count original tokens, which bfloat16 holds
+    exactly only up to 256 (float16 up to 2048), float32 up to 2**24.
+    """
     batch, num_tokens, _ = hidden.shape
     if size is None:
-        size = hidden.new_ones(batch, num_tokens, 1)
+        size = torch.ones(batch, num_tokens, 1, dtype=torch.float32, device=hidden.device)
     if positions is None:
         positions = initial_positions(batch, num_tokens, hidden.device)
     if trace_source and source is None:
-        source = torch.eye(num_tokens, dtype=hidden.dtype, device=hidden.device).expand(batch, -1, -1)
+        source = torch.eye(num_tokens, dtype=torch.float32, device=hidden.device).expand(batch, -1, -1)
     return size, positions, source
 
 
@@ -235,8 +247,10 @@ def prune_merge_tokens(
     if ranked_kept < num_tokens:
         step = prune_and_merge(class_scores, metric, prune_kept, ranked_kept, protected)
         size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)
+        size = size.float()
         merged_size = step.merge(size)
-        hidden = step.merge(hidden * size) / merged_size
+        # The weighted sum in float32 (as in merge_weighted), cast back to the model dtype once.
+        hidden = (step.merge(hidden.float() * size) / merged_size).to(hidden.dtype)
         positions = step.new_positions(num_tokens).gather(1, positions)
         if source is not None:
             source = step.merge(source, reduce="amax")
@@ -268,7 +282,7 @@ def reduce_layer_tokens(
         return reduce_tokens(hidden, metric, size, positions, source, r, protected, trace_source)
     if isinstance(tome_kept, SoftKept):
         if size is None:
-            size = hidden.new_ones(hidden.shape[0], hidden.shape[1], 1)
+            size = torch.ones(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32, device=hidden.device)
         hidden, size = soft_prune_merge(hidden, size, class_scores, metric, tome_kept.keep, tome_kept.prune,
                                         tome_kept.slots, protected)
         return hidden, size, positions, source
@@ -295,7 +309,7 @@ class PreNormReduceLayerMixin:
 
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
                 tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False,
-                tome_kept: LayerKept | None = None, **kwargs):
+                tome_kept: LayerKept | None = None, **kwargs: Unpack[TransformersKwargs]):
         residual = hidden_states
         mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
         need_class = needs_class_attention(tome_kept, hidden_states.shape[1])
@@ -322,6 +336,12 @@ def run_layers(
     """The one encoder loop: returns the final hidden states with their sizes, positions and sources."""
     if len(plan.layer_r) != len(layers):
         raise ValueError(f"the reduction plan has {len(plan.layer_r)} layers but the encoder has {len(layers)}")
+    # Kept counts are absolute: block 0's count is the number of tokens they were made for (later layers are
+    # checked against the counts before them by hf_tome.apply).
+    if plan.prune_kept is not None and plan.prune_kept[0] > hidden.shape[1]:
+        raise ValueError(f"ToMeConfig.prune_kept[0]={plan.prune_kept[0]} is invalid for this input: it has "
+                         f"{hidden.shape[1]} tokens entering the model (e.g. an image of another size than the kept "
+                         f"counts were made for); expected prune_kept[0] == {hidden.shape[1]}")
     size = positions = source = None
     for index, (layer, r) in enumerate(zip(layers, plan.layer_r, strict=True)):
         # Only layers of a plan with kept counts get ``tome_kept``, so adapters without pruning never see it.
@@ -335,7 +355,7 @@ def run_layers(
         )
     if plan.trace_source and source is None:
         batch, num_tokens, _ = hidden.shape
-        source = torch.eye(num_tokens, dtype=hidden.dtype, device=hidden.device).expand(batch, -1, -1)
+        source = torch.eye(num_tokens, dtype=torch.float32, device=hidden.device).expand(batch, -1, -1)
     return hidden, size, positions, source
 
 
@@ -355,7 +375,47 @@ def encode_and_pool(model: nn.Module, embedding_output: torch.Tensor, attention_
 
 
 def weighted_token_mean(tokens: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
-    """Mean over tokens [B, N, C] in which a merged token counts as many times as its size."""
+    """Mean over tokens [B, N, C] in which a merged token counts as many times as its size.
+
+    The weighted sum runs in float32 with the float32 sizes; the mean comes back in the dtype of ``tokens``.
+    """
     if size is None:
         return tokens.mean(dim=1)
-    return (tokens * size).sum(dim=1) / size.sum(dim=1)
+    size = size.float()
+    return ((tokens.float() * size).sum(dim=1) / size.sum(dim=1)).to(tokens.dtype)
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+"""Names transformers 5 releases have given the key/value cache argument (renamed in 5.24)."""
+
+
+@functools.cache
+def _signature(function: Callable) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def named_parameters(function: Callable) -> frozenset[str]:
+    """The names ``function`` declares (not its ``*args``/``**kwargs``), as the installed transformers spells them."""
+    return frozenset(name for name, parameter in _signature(function).parameters.items()
+                     if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD))
+
+
+def stock_arguments(function: Callable, module: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every argument of a call ``function(module, *args, **kwargs)`` by name (``**kwargs`` flattened in).
+
+    Overrides of stock forwards read and replace the arguments they care about by name and call the stock forward
+    with keywords only, so a parameter transformers renames or reorders cannot shift the others.
+    """
+    signature = _signature(function)
+    bound = signature.bind(module, *args, **kwargs)
+    named: dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:  # [0] is the module itself
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"hf_tome: {function.__qualname__} got extra positional arguments; pass them by name")
+        else:
+            named[name] = value
+    return named
+

@@ -11,6 +11,8 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.dinov2 import modeling_dinov2 as dinov2
 from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_reg
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -45,7 +47,7 @@ class _Dinov2EncoderMixin:
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> TokenMergeOutput:
+                **kwargs: Unpack[TransformersKwargs]) -> TokenMergeOutput:
         hidden, size, positions, source = run_layers(self.layer, hidden_states, self._tome_plan, attention_mask,
                                                      **kwargs)
         return TokenMergeOutput(last_hidden_state=hidden, token_sizes=size, token_positions=positions,
@@ -55,8 +57,8 @@ class _Dinov2EncoderMixin:
 class _Dinov2ModelMixin(ToMeModelMixin):
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor | None = None, bool_masked_pos: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, **kwargs) -> TokenMergeOutput:
-        embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+                attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]) -> TokenMergeOutput:
+        embedding_output = self.embeddings(pixel_values=pixel_values, bool_masked_pos=bool_masked_pos)
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
         )
@@ -74,7 +76,8 @@ class _Dinov2ClassifierMixin(ToMeModelMixin):
 
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, **kwargs) -> ImageClassifierOutput:
+                attention_mask: torch.Tensor | None = None,
+                **kwargs: Unpack[TransformersKwargs]) -> ImageClassifierOutput:
         outputs: TokenMergeOutput = self.base_model(pixel_values, attention_mask=attention_mask, **kwargs)
         sequence_output = outputs.last_hidden_state
         prefix = self._prefix_tokens()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ class Adapter:
         ``hf_tome.flops`` does not describe (e.g. windowed attention); None uses ``encoder_shape``.
     supports_pruning: the family's layers accept ``tome_kept`` (unified prune + merge by class attention, see
         ``hf_tome.adapters.common.reduce_layer_tokens``); ``prune_kept``/``merge_kept`` are refused otherwise.
+    extra_keys: the ``ToMeConfig.extra`` keys the family reads (e.g. Swin's ``"swin_stage_r"``); ``apply``
+        refuses other keys, except the family-independent ones of ``hf_tome.budget.BUDGET_EXTRA_KEYS``.
     """
 
     family: str
@@ -49,6 +52,7 @@ class Adapter:
     plan_builder: Callable[[nn.Module, Any], Any] | None = None
     compute_report: Callable[[nn.Module, tuple[int, int] | None], Any] | None = None
     supports_pruning: bool = False
+    extra_keys: tuple[str, ...] = ()
     reverse_map: dict[type[nn.Module], type[nn.Module]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,12 +73,38 @@ def supported_class_names() -> list[str]:
     return sorted(cls.__name__ for adapter in _ADAPTERS for cls in adapter.supported)
 
 
-def find_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model`` (patched or not); raises ``ValueError`` listing the supported classes."""
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``model`` itself when it is not compiled)."""
+    # torch.compile imports its wrapper class: while it is not imported, nothing is compiled (and importing dynamo
+    # here would slow down every import of hf_tome).
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model
+
+
+def adapter_or_none(model: nn.Module) -> Adapter | None:
+    """The adapter for ``model`` (patched or not), or None when hf_tome does not support its class."""
     for adapter in _ADAPTERS:
         stock = adapter.reverse_map.get(type(model), type(model))
         if stock in adapter.supported:
             return adapter
+    return None
+
+
+def stock_class_of(patched_class: type[nn.Module]) -> type[nn.Module]:
+    """The transformers class an hf_tome patched class was made from (``ValueError`` for any other class)."""
+    for adapter in _ADAPTERS:
+        if patched_class in adapter.reverse_map:
+            return adapter.reverse_map[patched_class]
+    raise ValueError(f"{patched_class.__name__} is not an hf_tome patched class: expected one made by hf_tome.apply")
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model`` (patched or not); raises ``ValueError`` listing the supported classes."""
+    adapter = adapter_or_none(model)
+    if adapter is not None:
+        return adapter
     raise ValueError(
         f"hf_tome does not support {type(model).__name__}: expected one of {', '.join(supported_class_names())}"
     )

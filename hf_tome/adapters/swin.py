@@ -37,11 +37,13 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.swin import modeling_swin as swin
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ..config import ToMeConfig
-from ..flops import ComputeReport
+from ..macs import ComputeReport
 from ..mixin import ToMeModelMixin
 from ..ops import Matching, bipartite_soft_matching, unmerge
 from ..schedule import clamp_r, merge_schedule
@@ -155,9 +157,10 @@ class ToMeSwinAttention(swin.SwinAttention):
     """Window attention that can take a ready-made additive bias (for merged tokens) instead of its own."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                merged_bias: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+                merged_bias: torch.Tensor | None = None,
+                **kwargs: Unpack[TransformersKwargs]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if merged_bias is None:
-            return super().forward(hidden_states, attention_mask, **kwargs)
+            return super().forward(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -176,13 +179,14 @@ class ToMeSwinLayer(swin.SwinLayer):
     """Swin layer merging ``tome_r`` tokens per window for attention (and optionally the MLP)."""
 
     def forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], always_partition: bool = False,
-                *, tome_r: int = 0, tome_plan: SwinReductionPlan | None = None, **kwargs):
+                *, tome_r: int = 0, tome_plan: SwinReductionPlan | None = None, **kwargs: Unpack[TransformersKwargs]):
         if not always_partition:
             self.set_shift_and_window_size(input_dimensions)
         ws = self.window_size
         r = clamp_r(tome_r, ws * ws, 0)
         if r == 0 or tome_plan is None:  # the stock forward, bit for bit
-            return super().forward(hidden_states, input_dimensions, always_partition=always_partition, **kwargs)
+            return super().forward(hidden_states=hidden_states, input_dimensions=input_dimensions,
+                                   always_partition=always_partition, **kwargs)
         height, width = input_dimensions
         batch = hidden_states.shape[0]
         shortcut = hidden_states
@@ -195,12 +199,13 @@ class ToMeSwinLayer(swin.SwinLayer):
 
         matching = match_windows(windows, r, labels)
         positions = matching.new_positions(ws * ws)  # window position -> merged token holding it
-        # Every token enters a Swin layer with size 1, so the size-weighted mean is a plain sum / count.
-        size = matching.merge(windows.new_ones(windows.shape[0], ws * ws, 1))
-        merged = matching.merge(windows) / size
+        # Every token enters a Swin layer with size 1, so the size-weighted mean is a plain sum / count. Sizes
+        # are float32 in every model dtype and the sum is taken in float32, cast back to the model dtype once.
+        size = matching.merge(torch.ones(windows.shape[0], ws * ws, 1, dtype=torch.float32, device=device))
+        merged = (matching.merge(windows.float()) / size).to(windows.dtype)
         # The bias is merged in float32: its exp/log round-trip is too coarse in half precision.
         bias = merged_window_bias(positions, group_members(matching, ws * ws),
-                                  self.attention.relative_position_bias()[0].float(), size.float(), shift_mask,
+                                  self.attention.relative_position_bias()[0].float(), size, shift_mask,
                                   tome_plan.prop_attn, tome_plan.bias_rule)
         attention_output, attn_weights = self.attention(merged, merged_bias=bias, **kwargs)
         attention_output = self._from_windows(unmerge(self.dropout(attention_output), positions), batch, height,
@@ -210,7 +215,7 @@ class ToMeSwinLayer(swin.SwinLayer):
         if tome_plan.merge_mlp:
             # Same groups as attention; each group's MLP input is the mean of its members' residual stream.
             stream, _ = self._to_windows(hidden_states, height, width)
-            merged_stream = matching.merge(stream) / size
+            merged_stream = (matching.merge(stream.float()) / size).to(stream.dtype)
             mlp_output = unmerge(self.mlp(self.layernorm_after(merged_stream)), positions)
             mlp_output = self._from_windows(mlp_output, batch, height, width, height_pad, width_pad)
         else:
@@ -240,7 +245,7 @@ class ToMeSwinStage(swin.SwinStage):
 
     def forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], always_partition: bool = False,
                 output_hidden_states_before_downsampling: bool = False, *, tome_layer_r: tuple[int, ...] = (),
-                tome_plan: SwinReductionPlan | None = None, **kwargs):
+                tome_plan: SwinReductionPlan | None = None, **kwargs: Unpack[TransformersKwargs]):
         height, width = input_dimensions
         layer_r = list(tome_layer_r) + [0] * (len(self.blocks) - len(tome_layer_r))
         last_attn_weights = None
@@ -249,7 +254,7 @@ class ToMeSwinStage(swin.SwinStage):
                                                      tome_r=r, tome_plan=tome_plan, **kwargs)
         before_downsampling = hidden_states
         if self.downsample is not None:
-            hidden_states = self.downsample(before_downsampling, input_dimensions)
+            hidden_states = self.downsample(input_feature=before_downsampling, input_dimensions=input_dimensions)
         reshaped = self.get_reshaped_hidden_states(hidden_states, before_downsampling, height, width,
                                                    output_hidden_states_before_downsampling)
         return hidden_states, reshaped, last_attn_weights
@@ -264,7 +269,7 @@ class ToMeSwinEncoder(swin.SwinEncoder):
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], always_partition: bool = False,
                 output_hidden_states: bool = False, output_hidden_states_before_downsampling: bool = False,
-                **kwargs) -> swin.SwinEncoderOutput:
+                **kwargs: Unpack[TransformersKwargs]) -> swin.SwinEncoderOutput:
         all_reshaped = None
         if output_hidden_states:
             batch, _, channels = hidden_states.shape
@@ -314,10 +319,7 @@ def build_swin_plan(model: nn.Module, config: ToMeConfig) -> SwinReductionPlan:
     """The Swin plan of ``config``: per-window r per layer, clamped to half of each stage's window tokens."""
     swin_config = model.config
     depths = list(swin_config.depths)
-    extra = config.extra
-    unknown = sorted(key for key in extra if key.startswith("swin_") and key not in _EXTRA_KEYS)
-    if unknown:
-        raise ValueError(f"unknown Swin option(s) {unknown} in ToMeConfig.extra: expected some of {list(_EXTRA_KEYS)}")
+    extra = config.extra  # its keys were checked against Adapter.extra_keys by hf_tome.patch.build_plan
     if config.trace_source or config.prune_kept is not None:
         raise ValueError("Swin supports per-window merging only: expected trace_source=False and prune_kept=None "
                          "(every Swin layer unmerges, so no token sources or pruned tokens exist)")
@@ -423,4 +425,5 @@ register_adapter(Adapter(
     encoder_shape=_encoder_shape,
     plan_builder=build_swin_plan,
     compute_report=swin_compute_report,
+    extra_keys=_EXTRA_KEYS,
 ))

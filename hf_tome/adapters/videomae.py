@@ -17,6 +17,8 @@ import torch
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.videomae import modeling_videomae as videomae
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -36,7 +38,8 @@ class ToMeVideoMAESelfAttention(videomae.VideoMAESelfAttention):
     """VideoMAE self-attention taking an additive mask and also returning its head-averaged keys."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                need_keys: bool = False, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                need_keys: bool = False,
+                **kwargs: Unpack[TransformersKwargs]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
         # Modules are called (not their weights used directly) so wrappers such as LoRA contribute to the keys.
@@ -57,16 +60,18 @@ class ToMeVideoMAEAttention(videomae.VideoMAEAttention):
     """Self-attention plus output projection, passing the mask in and the keys out."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                need_keys: bool = False, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                need_keys: bool = False,
+                **kwargs: Unpack[TransformersKwargs]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         context, probs, keys = self.attention(hidden_states, attention_mask, need_keys=need_keys, **kwargs)
-        return self.output(context, hidden_states), probs, keys
+        return self.output(hidden_states=context, input_tensor=hidden_states), probs, keys
 
 
 class ToMeVideoMAELayer(videomae.VideoMAELayer):
     """VideoMAE layer with a token reduction between the attention and the MLP."""
 
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
-                tome_r: int = 0, protected: int = 0, prop_attn: bool = True, trace_source: bool = False, **kwargs):
+                tome_r: int = 0, protected: int = 0, prop_attn: bool = True, trace_source: bool = False,
+                **kwargs: Unpack[TransformersKwargs]):
         mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
         attn_output, _, metric = self.attention(self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0,
                                                 **kwargs)
@@ -75,7 +80,8 @@ class ToMeVideoMAELayer(videomae.VideoMAELayer):
             hidden_states, metric, size, positions, source, tome_r, protected, trace_source
         )
         # ``self.output`` adds the residual itself.
-        layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
+        layer_output = self.output(hidden_states=self.intermediate(self.layernorm_after(hidden_states)),
+                                   input_tensor=hidden_states)
         return layer_output, size, positions, source
 
 
@@ -92,8 +98,8 @@ class ToMeVideoMAEModel(ToMeModelMixin, videomae.VideoMAEModel):
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None = None,
-                **kwargs) -> TokenMergeOutput:
-        embedding_output = self.embeddings(pixel_values, bool_masked_pos)
+                **kwargs: Unpack[TransformersKwargs]) -> TokenMergeOutput:
+        embedding_output = self.embeddings(pixel_values=pixel_values, bool_masked_pos=bool_masked_pos)
         # VideoMAE takes no attention mask: the only mask is the proportional-attention bias made per layer.
         hidden, size, positions, source = run_layers(self.encoder.layer, embedding_output, self._tome_plan, None,
                                                      **kwargs)
@@ -108,7 +114,7 @@ class ToMeVideoMAEForVideoClassification(ToMeModelMixin, videomae.VideoMAEForVid
 
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **kwargs) -> ImageClassifierOutput:
+                **kwargs: Unpack[TransformersKwargs]) -> ImageClassifierOutput:
         outputs: TokenMergeOutput = self.videomae(pixel_values, **kwargs)
         sequence_output = outputs.last_hidden_state
         if self.fc_norm is not None:

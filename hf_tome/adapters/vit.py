@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers.models.deit import modeling_deit as deit
 from transformers.models.vit import modeling_vit as vit
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -32,13 +34,12 @@ class _ViTStyleModelMixin(ToMeModelMixin):
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.Tensor | None = None, bool_masked_pos: torch.BoolTensor | None = None,
                 interpolate_pos_encoding: bool | None = None, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> TokenMergeOutput:
+                **kwargs: Unpack[TransformersKwargs]) -> TokenMergeOutput:
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
         if pixel_values.dtype != expected_dtype:
             pixel_values = pixel_values.to(expected_dtype)
-        embedding_output = self.embeddings(
-            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
-        )
+        embedding_output = self.embeddings(pixel_values=pixel_values, bool_masked_pos=bool_masked_pos,
+                                           interpolate_pos_encoding=interpolate_pos_encoding)
         return encode_and_pool(self, embedding_output, attention_mask,
                                lambda sequence: self.pooler(sequence) if self.pooler is not None else None, **kwargs)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from transformers.models.vivit import modeling_vivit as vivit
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -45,8 +47,8 @@ class ToMeVivitModel(ToMeModelMixin, vivit.VivitModel):
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
-                attention_mask: torch.Tensor | None = None, **kwargs) -> TokenMergeOutput:
-        embedding_output = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+                attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]) -> TokenMergeOutput:
+        embedding_output = self.embeddings(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         return encode_and_pool(self, embedding_output, attention_mask,
                                lambda sequence: self.pooler(sequence) if self.pooler is not None else None, **kwargs)
 

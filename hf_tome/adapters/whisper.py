@@ -24,14 +24,25 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.whisper import modeling_whisper as whisper
-from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ..mixin import ToMeModelMixin
-from .common import ReductionPlan, proportional_attention_mask, reduce_tokens, run_layers
+from .common import (
+    CACHE_ARGUMENTS,
+    ReductionPlan,
+    named_parameters,
+    proportional_attention_mask,
+    reduce_tokens,
+    run_layers,
+    stock_arguments,
+)
 from .registry import Adapter, EncoderShape, register_adapter
 
 
@@ -40,9 +51,10 @@ class WhisperEncoderMergeOutput(BaseModelOutput):
     """``BaseModelOutput`` of the Whisper encoder plus what the decoder needs to read merged frames.
 
     A ``BaseModelOutput`` subclass, so Whisper's generation code (which checks for that type) passes it on intact.
-    token_sizes: [B, N, 1] how many encoder frames each output token stands for (None when nothing merged).
+    token_sizes: [B, N, 1] how many encoder frames each output token stands for (None when nothing merged);
+        float32 whatever the model dtype, so the counts stay exact.
     token_positions: [B, N_orig] index of the output token holding each original frame.
-    token_source: [B, N, N_orig] 0/1 membership matrix, when ``trace_source`` is on.
+    token_source: [B, N, N_orig] 0/1 membership matrix (float32), when ``trace_source`` is on.
     """
 
     token_sizes: torch.Tensor | None = None
@@ -60,17 +72,21 @@ class WhisperMergeModelOutput(Seq2SeqModelOutput):
 class ToMeWhisperAttention(whisper.WhisperAttention):
     """Whisper attention that can also return its head-averaged keys (encoder self-attention only).
 
-    Without ``need_keys`` it is the stock forward (decoder self- and cross-attention use it unchanged).
+    Without ``need_keys`` it is the stock forward, called with the arguments exactly as given (decoder self- and
+    cross-attention use it unchanged, whatever the installed transformers names its cache argument).
     """
 
-    def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
-                past_key_values=None, attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
-                need_keys: bool = False, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, need_keys: bool = False,
+                **kwargs: Unpack[FlashAttentionKwargs]):
         if not need_keys:
-            return super().forward(hidden_states, key_value_states, past_key_values, attention_mask,
-                                   output_attentions, **kwargs)
-        if key_value_states is not None or past_key_values is not None:
+            return super().forward(hidden_states, *args, **kwargs)
+        named = stock_arguments(whisper.WhisperAttention.forward, self, (hidden_states, *args), kwargs)
+        if named.pop("key_value_states", None) is not None or any(
+            named.pop(name, None) is not None for name in CACHE_ARGUMENTS
+        ):
             raise ValueError("hf_tome: need_keys is only supported for encoder self-attention (no cache, no cross)")
+        attention_mask = named.pop("attention_mask", None)
+        named.pop("hidden_states")
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         # Same arithmetic as the stock forward (query scaled before the product, scaling=1.0 in the kernel), so
@@ -82,7 +98,7 @@ class ToMeWhisperAttention(whisper.WhisperAttention):
                                                           whisper.eager_attention_forward)
         attn_output, attn_weights = attention(
             self, query, key, value, attention_mask, dropout=0.0 if not self.training else self.dropout,
-            scaling=1.0, output_attentions=output_attentions, **kwargs,
+            scaling=1.0, **named,
         )
         attn_output = self.out_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, attn_weights, key.mean(dim=1)
@@ -92,7 +108,8 @@ class ToMeWhisperEncoderLayer(whisper.WhisperEncoderLayer):
     """Whisper encoder layer with a token reduction between the self-attention and the MLP."""
 
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
-                tome_r: int = 0, protected: int = 0, prop_attn: bool = True, trace_source: bool = False, **kwargs):
+                tome_r: int = 0, protected: int = 0, prop_attn: bool = True, trace_source: bool = False,
+                **kwargs: Unpack[TransformersKwargs]):
         residual = hidden_states
         mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
         outputs = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=mask,
@@ -117,16 +134,19 @@ class ToMeWhisperDecoderLayer(whisper.WhisperDecoderLayer):
     """Whisper decoder layer whose cross-attention takes an additive bias over encoder tokens.
 
     The stock decoder passes unknown keyword arguments on to its layers, so ``encoder_attention_bias`` given to
-    the decoder arrives here without replacing the decoder's own forward.
+    the decoder arrives here without replacing the decoder's own forward. Everything else reaches the stock layer
+    by name, as the installed transformers declares it.
     """
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                past_key_values=None, use_cache=True, encoder_attention_bias: torch.Tensor | None = None, **kwargs):
-        if encoder_attention_bias is not None:
-            encoder_attention_mask = (encoder_attention_bias if encoder_attention_mask is None
-                                      else encoder_attention_mask + encoder_attention_bias)
-        return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                               past_key_values, use_cache, **kwargs)
+    def forward(self, hidden_states: torch.Tensor, *args, encoder_attention_bias: torch.Tensor | None = None,
+                **kwargs: Unpack[TransformersKwargs]):
+        if encoder_attention_bias is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        named = stock_arguments(whisper.WhisperDecoderLayer.forward, self, (hidden_states, *args), kwargs)
+        bias = batch_aligned_bias(encoder_attention_bias, hidden_states.shape[0])
+        mask = named.get("encoder_attention_mask")
+        named["encoder_attention_mask"] = bias if mask is None else mask + bias
+        return super().forward(**named)
 
 
 class ToMeWhisperEncoder(ToMeModelMixin, whisper.WhisperEncoder):
@@ -137,7 +157,8 @@ class ToMeWhisperEncoder(ToMeModelMixin, whisper.WhisperEncoder):
     # Same decorators as the stock forward, so hidden states and attentions are recorded per layer as usual.
     @merge_with_config_defaults
     @capture_outputs
-    def forward(self, input_features: torch.Tensor, attention_mask=None, **kwargs) -> WhisperEncoderMergeOutput:
+    def forward(self, input_features: torch.Tensor, attention_mask=None,
+                **kwargs: Unpack[TransformersKwargs]) -> WhisperEncoderMergeOutput:
         expected_frames = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if input_features.shape[-1] != expected_frames:
             raise ValueError(f"Whisper expects the mel input features to be of length {expected_frames}, but found "
@@ -159,53 +180,55 @@ class ToMeWhisperEncoder(ToMeModelMixin, whisper.WhisperEncoder):
                                          token_positions=positions, token_source=source)
 
 
-def cross_attention_bias(encoder_outputs, plan: ReductionPlan | None, dtype: torch.dtype) -> torch.Tensor | None:
+def cross_attention_bias(encoder_outputs, plan: ReductionPlan | None) -> torch.Tensor | None:
     """The decoder's additive cross-attention mask ``log(size)`` [B, 1, 1, N_enc], or None when nothing merged."""
     sizes = getattr(encoder_outputs, "token_sizes", None)
     prop_attn = plan.prop_attn if plan is not None else True
+    dtype = encoder_outputs[0].dtype
     return proportional_attention_mask(None, sizes, prop_attn, dtype)
 
 
-class ToMeWhisperModel(ToMeModelMixin, whisper.WhisperModel):
-    """``WhisperModel`` whose decoder cross-attends to merged encoder tokens with proportional attention."""
+def batch_aligned_bias(bias: torch.Tensor, decoder_batch: int) -> torch.Tensor:
+    """``bias`` [B_enc, 1, 1, N] laid out for a decoder batch of ``decoder_batch`` rows.
 
-    @can_return_tuple
-    def forward(self, input_features: torch.Tensor | None = None, attention_mask: torch.LongTensor | None = None,
-                decoder_input_ids: torch.LongTensor | None = None,
-                decoder_attention_mask: torch.LongTensor | None = None, encoder_outputs=None, past_key_values=None,
-                decoder_inputs_embeds: torch.Tensor | None = None,
-                decoder_position_ids: torch.LongTensor | None = None, use_cache: bool | None = None,
-                **kwargs) -> WhisperMergeModelOutput:
+    The stock cross-attention views the projected encoder states as ``(decoder_batch, -1, heads, head_dim)``, so a
+    decoder batch that differs from the encoder's regroups the encoder tokens; the bias is regrouped the same way,
+    so every key keeps its own ``log(size)``.
+    """
+    if bias.shape[0] == decoder_batch:
+        return bias
+    if bias.numel() % decoder_batch:
+        raise ValueError(f"hf_tome: the decoder batch ({decoder_batch}) does not fit the merged encoder output "
+                         f"({bias.shape[0]} x {bias.shape[-1]} tokens); expected the encoder's batch size")
+    return bias.reshape(decoder_batch, 1, 1, -1)
+
+
+class ToMeWhisperModel(ToMeModelMixin, whisper.WhisperModel):
+    """``WhisperModel`` whose decoder cross-attends to merged encoder tokens with proportional attention.
+
+    Only the encoder call is taken over (so its token sizes can become the cross-attention bias); the stock
+    forward does the rest, with every argument passed on by name.
+    """
+
+    def forward(self, *args, **kwargs) -> WhisperMergeModelOutput:
+        named = stock_arguments(whisper.WhisperModel.forward, self, args, kwargs)
+        extra = {name: named.pop(name) for name in list(named) if name not in _MODEL_PARAMETERS}
+        encoder_outputs = named.get("encoder_outputs")
         if encoder_outputs is None:
-            input_features = self._mask_input_features(input_features, attention_mask=attention_mask)
-            encoder_outputs = self.encoder(input_features, **kwargs)
-        elif not isinstance(encoder_outputs, BaseModelOutput):
-            # A plain tuple carries no sizes: the decoder then attends to its tokens as if none were merged.
-            encoder_outputs = BaseModelOutput(
-                last_hidden_state=encoder_outputs[0],
-                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
-                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
-            )
-        encoder_hidden = encoder_outputs.last_hidden_state
-        bias = cross_attention_bias(encoder_outputs, getattr(self.encoder, "_tome_plan", None), encoder_hidden.dtype)
+            features = self._mask_input_features(named.get("input_features"),
+                                                 attention_mask=named.get("attention_mask"))
+            encoder_outputs = named["encoder_outputs"] = self.encoder(features, **extra)
+        sizes = getattr(encoder_outputs, "token_sizes", None)  # a plain tuple carries none: nothing merged
+        bias = cross_attention_bias(encoder_outputs, getattr(self.encoder, "_tome_plan", None))
         if bias is not None:
-            kwargs["encoder_attention_bias"] = bias
-        decoder_outputs = self.decoder(
-            input_ids=decoder_input_ids, attention_mask=decoder_attention_mask, encoder_hidden_states=encoder_hidden,
-            past_key_values=past_key_values, inputs_embeds=decoder_inputs_embeds, position_ids=decoder_position_ids,
-            use_cache=use_cache, **kwargs,
-        )
-        return WhisperMergeModelOutput(
-            last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
-            decoder_hidden_states=decoder_outputs.hidden_states,
-            decoder_attentions=decoder_outputs.attentions,
-            cross_attentions=decoder_outputs.cross_attentions,
-            encoder_last_hidden_state=encoder_hidden,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-            encoder_token_sizes=getattr(encoder_outputs, "token_sizes", None),
-        )
+            extra["encoder_attention_bias"] = bias
+        output = super().forward(**named, **extra)
+        if isinstance(output, Seq2SeqModelOutput):
+            return WhisperMergeModelOutput(**output, encoder_token_sizes=sizes)
+        return output
+
+
+_MODEL_PARAMETERS = named_parameters(whisper.WhisperModel.forward)
 
 
 class ToMeWhisperForConditionalGeneration(ToMeModelMixin, whisper.WhisperForConditionalGeneration):

@@ -10,11 +10,14 @@ from .matching import Matching
 def merge_weighted(matching: Matching, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``x`` [B, N, C] as a size-weighted average; return it with the merged sizes [B, N - r, 1].
 
-    Each group's value is ``sum(x * size) / sum(size)`` and its new size is ``sum(size)``.
+    Each group's value is ``sum(x * size) / sum(size)`` and its new size is ``sum(size)``. Sizes are float32
+    whatever the dtype of ``x`` (bfloat16 holds integers exactly only up to 256, float16 up to 2048); the
+    weighted sum is taken in float32 too and the average is cast back to the dtype of ``x`` once.
     """
-    merged_sum = matching.merge(x * size, reduce="sum")
+    size = size.float()
+    merged_sum = matching.merge(x.float() * size, reduce="sum")
     merged_size = matching.merge(size, reduce="sum")
-    return merged_sum / merged_size, merged_size
+    return (merged_sum / merged_size).to(x.dtype), merged_size
 
 
 def merge_source(matching: Matching, source: torch.Tensor) -> torch.Tensor:

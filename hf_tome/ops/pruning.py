@@ -141,9 +141,11 @@ def soft_prune_merge(x: torch.Tensor, size: torch.Tensor, class_scores: torch.Te
     ``prune_weight[j] - keep_weight[j]`` of it (with its value) to its most similar token among the top
     ``slots`` unprotected ranks, and the rest vanishes. A token with size near 0 is invisible to proportional
     attention (``log(size)`` bias) and to size-weighted pooling, so one-hot weights give the hard step exactly.
-    Returns ``(x, size)`` of the same shapes.
+    Returns ``(x, size)`` of the same shapes: ``x`` in its own dtype (the mixing runs in float32), ``size`` in
+    float32.
     """
     batch, num_tokens, channels = x.shape
+    size = size.float()
     slots = max(protected + 1, min(slots, num_tokens))
     with torch.no_grad():
         order = rank_by_score(class_scores, protected)
@@ -160,8 +162,9 @@ def soft_prune_merge(x: torch.Tensor, size: torch.Tensor, class_scores: torch.Te
     give = (prune_weight.to(size.dtype)[rank_of_token][..., None] - keep).clamp_min(0)
     own_mass, given_mass = size * keep, size * give
     mass = own_mass.scatter_add(1, destination[..., None], given_mass)
-    total = (x * own_mass).scatter_add(1, destination[..., None].expand(-1, -1, channels), x * given_mass)
+    wide = x.float()
+    total = (wide * own_mass).scatter_add(1, destination[..., None].expand(-1, -1, channels), wide * given_mass)
     # Tokens with no mass left keep their old value (it no longer matters) instead of dividing by zero.
     present = mass > 1e-6
-    x = torch.where(present, total / mass.clamp_min(1e-6), x)
+    x = torch.where(present, (total / mass.clamp_min(1e-6)).to(x.dtype), x)
     return x, mass.clamp_min(1e-6)

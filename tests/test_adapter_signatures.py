@@ -1,0 +1,46 @@
+"""Patched forwards look like the stock ones to transformers: it reads the ``**kwargs`` annotation
+(``Unpack[TransformersKwargs]``) to learn which model-agnostic arguments, such as ``output_attentions``, a forward
+takes."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+
+import pytest
+from transformers.utils import TransformersKwargs
+
+import hf_tome  # noqa: F401  (registers the adapters)
+from hf_tome.adapters.registry import _ADAPTERS
+
+PATCHED_FORWARDS = [
+    pytest.param(stock, patched, id=f"{adapter.family}:{stock.__name__}")
+    for adapter in _ADAPTERS
+    for stock, patched in adapter.class_map.items()
+    if patched.forward is not stock.forward
+]
+
+
+def var_keyword_annotation(function) -> object:
+    """The resolved annotation of ``function``'s ``**kwargs`` (None when unannotated, "absent" without one)."""
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            return typing.get_type_hints(function).get(name)
+    return "absent"
+
+
+def test_every_family_overrides_some_forward():
+    assert {param.id.split(":")[0] for param in PATCHED_FORWARDS} == {a.family for a in _ADAPTERS}
+    assert len(PATCHED_FORWARDS) >= 30
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("stock,patched", PATCHED_FORWARDS)
+def test_patched_forward_keeps_the_kwargs_annotation(stock, patched):
+    stock_annotation = var_keyword_annotation(stock.forward)
+    patched_annotation = var_keyword_annotation(patched.forward)
+    if stock_annotation == "absent":  # the stock forward takes no **kwargs: ours may take them, annotated
+        assert patched_annotation in ("absent", typing.Unpack[TransformersKwargs])
+    else:
+        assert patched_annotation == stock_annotation
+
