@@ -303,7 +303,7 @@ def test_decoder_batch_other_than_encoder_batch_with_merging(features, decoder_i
 
 def test_stock_arguments_are_passed_by_name():
     """Overrides bind calls to the installed stock signature, so a renamed cache argument cannot shift the rest."""
-    from hf_tome.adapters.common import CACHE_ARGUMENTS, named_parameters, stock_arguments
+    from hf_tome.adapters.stock_calls import CACHE_ARGUMENTS, named_parameters, stock_arguments
 
     layer_forward = T.models.whisper.modeling_whisper.WhisperDecoderLayer.forward
     cache_name = next(name for name in CACHE_ARGUMENTS if name in named_parameters(layer_forward))

@@ -13,11 +13,8 @@ attention for ``need_class_attention`` and calls ``reduce_layer_tokens``.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -235,9 +232,9 @@ def prune_merge_tokens(
     ``merge_match="class_attention"`` merges the tokens ranked between the two counts into their most similar
     kept token; ``"bipartite"`` merges the survivors of pruning by ToMe's bipartite soft matching, which removes
     at most half of the unprotected tokens (``hf_tome.apply`` refuses counts that need more, so the count here is
-    exact and the FLOPs accounting holds). Counts above the tokens present are clamped (a layer cannot keep more
-    than enter it). Pruned patches are held by no token in ``source``; ``positions`` sends them to their most
-    similar kept token, so unmerging still fills the whole grid.
+    exact and the FLOPs accounting holds). Counts above the tokens present never reach here: ``apply`` refuses them
+    for layers 1 and up, and :func:`run_layers` for layer 0's input. Pruned patches are held by no token in
+    ``source``; ``positions`` sends them to their most similar kept token, so unmerging still fills the grid.
     """
     num_tokens = hidden.shape[1]
     prune_kept, merge_kept = effective_kept(num_tokens, prune_kept, merge_kept)
@@ -383,39 +380,3 @@ def weighted_token_mean(tokens: torch.Tensor, size: torch.Tensor | None) -> torc
         return tokens.mean(dim=1)
     size = size.float()
     return ((tokens.float() * size).sum(dim=1) / size.sum(dim=1)).to(tokens.dtype)
-
-
-CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
-"""Names transformers 5 releases have given the key/value cache argument (renamed in 5.24)."""
-
-
-@functools.cache
-def _signature(function: Callable) -> inspect.Signature:
-    return inspect.signature(function)
-
-
-def named_parameters(function: Callable) -> frozenset[str]:
-    """The names ``function`` declares (not its ``*args``/``**kwargs``), as the installed transformers spells them."""
-    return frozenset(name for name, parameter in _signature(function).parameters.items()
-                     if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD))
-
-
-def stock_arguments(function: Callable, module: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Every argument of a call ``function(module, *args, **kwargs)`` by name (``**kwargs`` flattened in).
-
-    Overrides of stock forwards read and replace the arguments they care about by name and call the stock forward
-    with keywords only, so a parameter transformers renames or reorders cannot shift the others.
-    """
-    signature = _signature(function)
-    bound = signature.bind(module, *args, **kwargs)
-    named: dict[str, Any] = {}
-    for name, value in list(bound.arguments.items())[1:]:  # [0] is the module itself
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            raise TypeError(f"hf_tome: {function.__qualname__} got extra positional arguments; pass them by name")
-        else:
-            named[name] = value
-    return named
-

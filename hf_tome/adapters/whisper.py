@@ -34,16 +34,9 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ..mixin import ToMeModelMixin
-from .common import (
-    CACHE_ARGUMENTS,
-    ReductionPlan,
-    named_parameters,
-    proportional_attention_mask,
-    reduce_tokens,
-    run_layers,
-    stock_arguments,
-)
+from .common import ReductionPlan, proportional_attention_mask, reduce_tokens, run_layers
 from .registry import Adapter, EncoderShape, register_adapter
+from .stock_calls import CACHE_ARGUMENTS, named_parameters, stock_arguments
 
 
 @dataclass
