@@ -22,11 +22,19 @@ PATCHED_FORWARDS = [
 
 
 def var_keyword_annotation(function) -> object:
-    """The resolved annotation of ``function``'s ``**kwargs`` (None when unannotated, "absent" without one)."""
-    for name, parameter in inspect.signature(function).parameters.items():
+    """The annotation of ``function``'s ``**kwargs`` as ``inspect.signature`` gives it, unresolved, which is how
+    transformers' own tests read it ("absent" without ``**kwargs``). A string annotation (``from __future__ import
+    annotations`` in the module) would not count there: the object must be the real ``Unpack[...]``."""
+    for parameter in inspect.signature(function).parameters.values():
         if parameter.kind is parameter.VAR_KEYWORD:
-            return typing.get_type_hints(function).get(name)
+            return parameter.annotation
     return "absent"
+
+
+def can_output_attentions(function) -> bool:
+    """What transformers' model tests conclude from a forward's signature."""
+    annotation = var_keyword_annotation(function)
+    return "output_attentions" in getattr(getattr(annotation, "__args__", [None])[0], "__annotations__", {})
 
 
 def test_every_family_overrides_some_forward():
@@ -43,4 +51,5 @@ def test_patched_forward_keeps_the_kwargs_annotation(stock, patched):
         assert patched_annotation in ("absent", typing.Unpack[TransformersKwargs])
     else:
         assert patched_annotation == stock_annotation
+        assert can_output_attentions(patched.forward) == can_output_attentions(stock.forward)
 

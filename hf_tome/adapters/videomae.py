@@ -11,7 +11,6 @@ VideoMAE's own layout (``query``/``key``/``value`` modules, no key bias, output 
 module), so it gets its own forward rather than ``KeyMetricAttentionMixin``.
 """
 
-from __future__ import annotations
 
 import torch
 from transformers.modeling_outputs import ImageClassifierOutput

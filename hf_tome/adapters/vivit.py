@@ -5,7 +5,6 @@ classifier read ``x[:, 0]``, which merging never moves or changes.
 Block: ``x = x + attn(layernorm_before(x)); x = merge(x); x = x + mlp(layernorm_after(x))``.
 """
 
-from __future__ import annotations
 
 import torch
 from transformers.models.vivit import modeling_vivit as vivit
