@@ -25,6 +25,18 @@ class ToMeModelMixin:
 
         return load_patched(stock_class_of(cls), pretrained_model_name_or_path, *model_args, **kwargs)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """What the stock class answers: a patched class runs the stock modeling code on the same weights and names.
+
+        transformers skips its checkpoint key conversion for custom code; answering like the stock class lets the
+        conversions it finds by ``model_type`` apply (those it finds by class name are registered under the patched
+        names, see ``hf_tome.adapters.registry``), so a model patched before its weights load loads as stock does.
+        """
+        from .adapters.registry import stock_class_of
+
+        return stock_class_of(cls).is_custom_code()
+
     @property
     def tome_config(self):
         """The ``ToMeConfig`` this model runs with."""

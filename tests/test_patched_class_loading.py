@@ -20,6 +20,8 @@ CONFIGS = {
     "ast": lambda: T.ASTModel(T.ASTConfig(**SMALL, max_length=32, num_mel_bins=16, frequency_stride=8,
                                           time_stride=8, patch_size=8)),
     "vivit": lambda: T.VivitModel(T.VivitConfig(**SMALL, image_size=32, tubelet_size=[2, 8, 8], num_frames=4)),
+    "swin": lambda: T.SwinModel(T.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 2], image_size=32, patch_size=4,
+                                              window_size=4)),
     "whisper": lambda: T.WhisperModel(T.WhisperConfig(
         vocab_size=100, num_mel_bins=16, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=32,
@@ -48,6 +50,10 @@ def test_patched_class_from_pretrained_loads_the_saved_weights(family, tmp_path)
     assert max_weight_difference(reloaded, model) == 0.0
     assert reloaded.tome_config == hf_tome.ToMeConfig(r=2)  # the saved settings come back too
     assert patched_class.from_pretrained(tmp_path, tome_r=1).tome_config.r == 1
+    # transformers' own loading of a patched class (a model patched before its weights load) converts the
+    # checkpoint's key names as for the stock class: hf_tome registers the stock mapping under the patched name.
+    loaded_by_transformers = T.PreTrainedModel.from_pretrained.__func__(patched_class, tmp_path)
+    assert max_weight_difference(loaded_by_transformers, model) == 0.0
 
 
 def test_a_class_hf_tome_did_not_make_is_refused():

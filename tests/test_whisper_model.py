@@ -311,3 +311,36 @@ def test_stock_arguments_are_passed_by_name():
                             {"output_attentions": True})
     assert named == {"hidden_states": "h", "attention_mask": "mask", "encoder_hidden_states": "enc",
                      "encoder_attention_mask": "enc_mask", cache_name: "cache-object", "output_attentions": True}
+
+
+def test_patched_model_forward_shows_the_stock_parameters():
+    """transformers inspects ``forward`` (e.g. for a ``cache`` parameter); the override shows the stock signature."""
+    import inspect
+
+    model = make_whisper("model")
+    stock = list(inspect.signature(model.forward).parameters)
+    hf_tome.apply(model, r=2)
+    assert list(inspect.signature(model.forward).parameters) == stock
+
+
+def test_a_cache_passed_under_the_old_name_reaches_the_decoder_only(features, decoder_ids):
+    """``past_key_values=`` (renamed ``cache`` in transformers 5.24) goes to the decoder, as in stock Whisper."""
+    import warnings
+
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    def empty_cache(model):
+        text_config = model.config.get_text_config(decoder=True)
+        return EncoderDecoderCache(DynamicCache(config=text_config), DynamicCache(config=text_config))
+
+    stock = make_whisper("model")
+    patched = hf_tome.apply(make_whisper("model"), r=0)
+    outputs = []
+    for model in (stock, patched):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            outputs.append(model(features, decoder_input_ids=decoder_ids, use_cache=True,
+                                 past_key_values=empty_cache(model)))
+    torch.testing.assert_close(outputs[1].last_hidden_state, outputs[0].last_hidden_state, atol=1e-6, rtol=0)
+    cache = outputs[1].cache if hasattr(outputs[1], "cache") else outputs[1].past_key_values
+    assert cache.get_seq_length() == decoder_ids.shape[1]

@@ -65,7 +65,29 @@ _ADAPTERS: list[Adapter] = []
 def register_adapter(adapter: Adapter) -> Adapter:
     """Make a family patchable by ``hf_tome.apply``."""
     _ADAPTERS.append(adapter)
+    _share_checkpoint_conversions(adapter)
     return adapter
+
+
+def _share_checkpoint_conversions(adapter: Adapter) -> None:
+    """Register the stock classes' checkpoint key conversions under the patched classes' names.
+
+    transformers finds a model's key renames (4.x checkpoint names -> 5.x modules) by class name and skips classes
+    defined outside ``transformers`` unless their name was registered, so a model patched before its weights are
+    loaded (or a patched class loading by itself) would leave renamed layers at random weights. Registering the
+    stock mapping through transformers' own API makes it load exactly as the stock class does.
+    """
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # a transformers release without class-name conversions has nothing to share
+        return
+    for stock, patched in adapter.class_map.items():
+        conversions = get_checkpoint_conversion_mapping(stock.__name__)
+        if conversions is not None:
+            register_checkpoint_conversion_mapping(patched.__name__, conversions, overwrite=True)
 
 
 def supported_class_names() -> list[str]:

@@ -45,3 +45,14 @@ def stock_arguments(function: Callable, module: Any, args: tuple, kwargs: dict[s
         else:
             named[name] = value
     return named
+
+
+def with_stock_signature(function: Callable) -> Callable[[Callable], Callable]:
+    """Give an ``(*args, **kwargs)`` override the signature of the stock ``function`` it binds its calls to, so
+    code that inspects forwards (transformers' generation and tests) sees the stock parameters, e.g. ``cache``."""
+
+    def decorate(override: Callable) -> Callable:
+        override.__signature__ = _signature(function)
+        return override
+
+    return decorate

@@ -35,7 +35,7 @@ from transformers.utils.output_capturing import capture_outputs
 from ..mixin import ToMeModelMixin
 from .common import ReductionPlan, proportional_attention_mask, reduce_tokens, run_layers
 from .registry import Adapter, EncoderShape, register_adapter
-from .stock_calls import CACHE_ARGUMENTS, named_parameters, stock_arguments
+from .stock_calls import CACHE_ARGUMENTS, named_parameters, stock_arguments, with_stock_signature
 
 
 @dataclass
@@ -202,6 +202,7 @@ class ToMeWhisperModel(ToMeModelMixin, whisper.WhisperModel):
     forward does the rest, with every argument passed on by name.
     """
 
+    @with_stock_signature(whisper.WhisperModel.forward)
     def forward(self, *args, **kwargs) -> WhisperMergeModelOutput:
         named = stock_arguments(whisper.WhisperModel.forward, self, args, kwargs)
         extra = {name: named.pop(name) for name in list(named) if name not in _MODEL_PARAMETERS}
@@ -209,7 +210,10 @@ class ToMeWhisperModel(ToMeModelMixin, whisper.WhisperModel):
         if encoder_outputs is None:
             features = self._mask_input_features(named.get("input_features"),
                                                  attention_mask=named.get("attention_mask"))
-            encoder_outputs = named["encoder_outputs"] = self.encoder(features, **extra)
+            # A cache under an older name (``past_key_values``) is the decoder's: the stock forward's deprecation
+            # wrapper renames it on the way there, and the encoder takes none.
+            encoder_kwargs = {name: value for name, value in extra.items() if name not in CACHE_ARGUMENTS}
+            encoder_outputs = named["encoder_outputs"] = self.encoder(features, **encoder_kwargs)
         sizes = getattr(encoder_outputs, "token_sizes", None)  # a plain tuple carries none: nothing merged
         bias = cross_attention_bias(encoder_outputs, getattr(self.encoder, "_tome_plan", None))
         if bias is not None:
