@@ -243,14 +243,10 @@ def prune_merge_tokens(
     if ranked_kept < num_tokens:
         step = prune_and_merge(class_scores, metric, prune_kept, ranked_kept, protected)
         size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)
-        size = size.float()
-        merged_size = step.merge(size)
-        # The weighted sum in float32 (as in merge_weighted), cast back to the model dtype once.
-        hidden = (step.merge(hidden.float() * size) / merged_size).to(hidden.dtype)
+        hidden, size = merge_weighted(step, hidden, size)
         positions = step.new_positions(num_tokens).gather(1, positions)
         if source is not None:
             source = step.merge(source, reduce="amax")
-        size = merged_size
         if bipartite:
             metric = step.merge(metric)  # the keys of the survivors, for the matching
     if bipartite:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import torch
 
 from .matching import Matching
+from .pruning import PruneMerge
 
 
-def merge_weighted(matching: Matching, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge ``x`` [B, N, C] as a size-weighted average; return it with the merged sizes [B, N - r, 1].
+def merge_weighted(matching: Matching | PruneMerge, x: torch.Tensor,
+                   size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``x`` [B, N, C] as a size-weighted average; return it with the merged sizes [B, M, 1].
+
+    ``matching`` is a bipartite :class:`Matching` or a prune-then-merge :class:`PruneMerge` (pruned tokens
+    are dropped); both reduce with ``merge(x, reduce="sum")``.
 
     Each group's value is ``sum(x * size) / sum(size)`` and its new size is ``sum(size)``. Sizes are float32
     whatever the dtype of ``x`` (bfloat16 holds integers exactly only up to 256, float16 up to 2048); the
