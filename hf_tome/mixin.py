@@ -15,10 +15,9 @@ class ToMeModelMixin:
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
         """Load the stock class's checkpoint and patch it: ``ToMeViTModel.from_pretrained(folder, tome_r=8)``.
 
-        transformers converts old checkpoint key names only for classes defined inside ``transformers``, so a
-        patched class loading by itself would silently leave renamed layers at random weights; the stock class
-        loads instead, and the ToMe settings come from ``tome_config=`` / ``tome_<field>=`` / the saved config,
-        as with the hf_tome Auto classes.
+        transformers' own ``from_pretrained`` would build the patched class without a reduction plan; the stock
+        class loads instead (with its checkpoint key conversion), and the ToMe settings come from ``tome_config=``
+        / ``tome_<field>=`` / the saved config, as with the hf_tome Auto classes.
         """
         from .adapters.registry import stock_class_of
         from .modeling import load_patched

@@ -54,16 +54,22 @@ def _peek_config(pretrained_model_name_or_path: Any, kwargs: dict[str, Any]) -> 
                                                    trust_remote_code=kwargs.get("trust_remote_code"), **hub_kwargs)
 
 
+def _load_compressed(stock_class: type[nn.Module], pretrained_model_name_or_path: Any, *model_args: Any,
+                     **kwargs: Any) -> nn.Module:
+    """``stock_class.from_pretrained`` with the DC-ViT compressed blocks rebuilt before the weights are loaded."""
+    model = _block_compressed_class(stock_class).from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                                  **kwargs)
+    model.__class__ = stock_class  # saves, patches and prints as the stock class
+    return model
+
+
 def load_stock(stock_class: type[nn.Module], pretrained_model_name_or_path: Any, *model_args: Any,
                **kwargs: Any) -> nn.Module:
     """``stock_class.from_pretrained`` (a transformers class, so its checkpoint key conversion runs), rebuilding
     DC-ViT compressed blocks before the weights are loaded."""
     if not getattr(_peek_config(pretrained_model_name_or_path, kwargs), CONFIG_KEY, None):
         return stock_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-    model = _block_compressed_class(stock_class).from_pretrained(pretrained_model_name_or_path, *model_args,
-                                                                  **kwargs)
-    model.__class__ = stock_class  # saves, patches and prints as the stock class
-    return model
+    return _load_compressed(stock_class, pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 def _load(auto_class: type, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> nn.Module:
@@ -72,7 +78,7 @@ def _load(auto_class: type, pretrained_model_name_or_path: Any, *model_args: Any
     if not getattr(config, CONFIG_KEY, None):
         return auto_class.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
     stock_class = _get_model_class(config, auto_class._model_mapping)
-    return load_stock(stock_class, pretrained_model_name_or_path, *model_args, **kwargs)
+    return _load_compressed(stock_class, pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 def load_patched(stock_class: type[nn.Module], pretrained_model_name_or_path: Any, *model_args: Any,

@@ -5,7 +5,6 @@ sequence, both protected, so the pooled output ``(x[:, 0] + x[:, 1]) / 2`` reads
 Block: ``x = x + attn(layernorm_before(x)); x = merge(x); x = x + mlp(layernorm_after(x))``.
 """
 
-
 import torch
 from transformers.models.audio_spectrogram_transformer import modeling_audio_spectrogram_transformer as ast_hf
 from transformers.processing_utils import Unpack

@@ -11,7 +11,6 @@ opts in to the second with ``Adapter(supports_pruning=True)``: its layer accepts
 attention for ``need_class_attention`` and calls ``reduce_layer_tokens``.
 """
 
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 

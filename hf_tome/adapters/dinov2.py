@@ -4,7 +4,6 @@ Block: ``x = x + ls1(attn(norm1(x))); x = reduce(x); x = x + ls2(mlp(norm2(x)))`
 The classification head averages patch tokens, which becomes a size-weighted average once tokens are merged.
 """
 
-
 import torch
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import ImageClassifierOutput

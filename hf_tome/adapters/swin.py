@@ -28,7 +28,6 @@ Settings: ``ToMeConfig.r`` (int with ``inflect``, or a per-layer list over all `
 ``extra["swin_merge_mlp"]`` (bool) and ``extra["swin_bias"]`` ("logsumexp" or "representative").
 """
 
-
 import math
 from dataclasses import dataclass, field
 

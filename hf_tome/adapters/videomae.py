@@ -11,7 +11,6 @@ VideoMAE's own layout (``query``/``key``/``value`` modules, no key bias, output 
 module), so it gets its own forward rather than ``KeyMetricAttentionMixin``.
 """
 
-
 import torch
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -4,7 +4,6 @@ Block: ``x = x + attn(layernorm_before(x)); x = reduce(x); x = x + mlp(layernorm
 ToMe merging or, with kept counts, prune + merge by class attention.
 """
 
-
 import torch
 from transformers.models.deit import modeling_deit as deit
 from transformers.models.vit import modeling_vit as vit

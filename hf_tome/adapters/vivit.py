@@ -5,7 +5,6 @@ classifier read ``x[:, 0]``, which merging never moves or changes.
 Block: ``x = x + attn(layernorm_before(x)); x = merge(x); x = x + mlp(layernorm_after(x))``.
 """
 
-
 import torch
 from transformers.models.vivit import modeling_vivit as vivit
 from transformers.processing_utils import Unpack

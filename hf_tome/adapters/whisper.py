@@ -17,7 +17,6 @@ A bare ``WhisperEncoder`` is supported too (used for timing the encoder alone). 
 and ``WhisperForCausalLM`` are not.
 """
 
-
 import dataclasses
 from dataclasses import dataclass
 
