@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import hf_tome
-from hf_tome.bench import machine_info
+from hf_tome.evaluation.reporting import machine_info
 
 
 def images_per_s(model: torch.nn.Module, batch_size: int, dtype: torch.dtype, images: int) -> float:
@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model is None:
-        from hf_tome.assets.default_model import default_model_path
+        from hf_tome.evaluation.assets.default_model import default_model_path
 
         args.model = str(default_model_path())
     model = hf_tome.remove(hf_tome.AutoModelForImageClassification.from_pretrained(args.model).eval())

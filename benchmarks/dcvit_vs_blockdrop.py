@@ -25,10 +25,11 @@ import torch  # noqa: E402
 from transformers import AutoImageProcessor  # noqa: E402
 
 import hf_tome  # noqa: E402
-from hf_tome.assets.default_model import default_model_path  # noqa: E402
-from hf_tome.bench import load_eval_dataset, machine_info  # noqa: E402
-from hf_tome.compress import CompressOptions, run_compress  # noqa: E402
-from hf_tome.evaluation import evaluate_classifier, preprocess_all, resolve_dtype  # noqa: E402
+from hf_tome.dcvit.compress import CompressOptions, run_compress  # noqa: E402
+from hf_tome.evaluation.assets.default_model import default_model_path  # noqa: E402
+from hf_tome.evaluation.classification import evaluate_classifier, preprocess_all, resolve_dtype  # noqa: E402
+from hf_tome.evaluation.datasets import load_eval_dataset  # noqa: E402
+from hf_tome.evaluation.reporting import machine_info  # noqa: E402
 
 
 def _images_per_s(models: dict[str, torch.nn.Module], batch: torch.Tensor, rounds: int) -> dict[str, float]:

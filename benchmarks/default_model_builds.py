@@ -18,10 +18,10 @@ import torch
 from transformers import AutoImageProcessor, Dinov2ForImageClassification
 
 import hf_tome
-from hf_tome.assets.default_model import _balanced_subset, _quiet_transformers, default_model_path
-from hf_tome.assets.dinov2 import dinov2_small_path
-from hf_tome.assets.fashion_mnist import FASHION_MNIST_LABELS, load_fashion_mnist
-from hf_tome.evaluation import fit_linear_head, pooled_features, preprocess_all, resolve_dtype
+from hf_tome.evaluation.assets.default_model import _balanced_subset, _quiet_transformers, default_model_path
+from hf_tome.evaluation.assets.dinov2 import dinov2_small_path
+from hf_tome.evaluation.assets.fashion_mnist import FASHION_MNIST_LABELS, load_fashion_mnist
+from hf_tome.evaluation.classification import fit_linear_head, pooled_features, preprocess_all, resolve_dtype
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("n_test", type=int, nargs="?", default=1000, help="test images compared")

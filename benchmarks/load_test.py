@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 def request_payloads(count: int = 32) -> list[dict]:
     """Fashion-MNIST test images as JSON bodies (base64 PNG)."""
-    from hf_tome.assets.fashion_mnist import load_fashion_mnist
+    from hf_tome.evaluation.assets.fashion_mnist import load_fashion_mnist
 
     payloads = []
     for image in load_fashion_mnist("test", limit=count)["image"]:
@@ -53,12 +53,13 @@ def request_payloads(count: int = 32) -> list[dict]:
 
 
 class ServerProcess:
-    """``python -m server ...`` on a free loopback port, stopped with its whole process group."""
+    """``python -m hf_tome_server ...`` on a free loopback port, stopped with its whole process group."""
 
     def __init__(self, model: str | None, max_batch_size: int, dtype: str, log_path: Path) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "server", "--port", str(self.port), "--max-batch-size", str(max_batch_size),
+        command = [sys.executable, "-m", "hf_tome_server", "--port", str(self.port),
+                   "--max-batch-size", str(max_batch_size),
                    "--batch-timeout", "0.05", "--dtype", dtype, "--budget", "full=r:0", "--budget", "half=macs:0.5"]
         if model:
             command += ["--model", model]

@@ -50,8 +50,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def tome_gmacs(space, r: int) -> float:
-    from hf_tome.flops import encoder_report
-    from hf_tome.schedule import tokens_per_layer
+    from hf_tome.core.schedule import tokens_per_layer
+    from hf_tome.integration.flops import encoder_report
 
     counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
     return encoder_report(space.shape, counts[1:]).gmacs
@@ -62,12 +62,12 @@ def main() -> None:
     from transformers import AutoImageProcessor
 
     import hf_tome
-    from hf_tome.adapters.registry import find_adapter
-    from hf_tome.assets.fashion_mnist import load_fashion_mnist
-    from hf_tome.evaluation import resolve_dtype
-    from hf_tome.search import SearchOptions, run_search
-    from hf_tome.search_eval import CachedEvaluator
-    from hf_tome.search_space import SearchSpace
+    from hf_tome.budgets.search import SearchOptions, run_search
+    from hf_tome.budgets.search_eval import CachedEvaluator
+    from hf_tome.budgets.search_space import SearchSpace
+    from hf_tome.evaluation.assets.fashion_mnist import load_fashion_mnist
+    from hf_tome.evaluation.classification import resolve_dtype
+    from hf_tome.integration.registry import find_adapter
 
     args = parse_args()
     if args.replot:
@@ -77,7 +77,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     search_payload = None
     if args.targets_at_tome_r:
-        from hf_tome.assets.default_model import default_model_path
+        from hf_tome.evaluation.assets.default_model import default_model_path
 
         default = hf_tome.AutoModelForImageClassification.from_pretrained(args.model or default_model_path())
         default_space = SearchSpace.for_shape(find_adapter(default).encoder_shape(default, (224, 224)))

@@ -1,6 +1,7 @@
 """Word error rate and encoder speed of real Whisper tiny.en with token merging in its encoder.
 
-Speech: every sentence of ``hf_tome.assets.speech.SENTENCES`` spoken by espeak-ng (synthetic, clean speech; each
+Speech: every sentence of ``hf_tome.evaluation.assets.speech.SENTENCES`` spoken by espeak-ng
+(synthetic, clean speech; each
 clip is padded to Whisper's 30 s window, so most encoder frames are silence). Settings: the unpatched model and, for
 each ``--targets`` value and each ``--inflect`` schedule shape (constant and decreasing by default), the smallest
 r whose encoder MACs reduction reaches it.
@@ -27,8 +28,8 @@ import transformers as T
 from tqdm import tqdm
 
 import hf_tome
-from hf_tome.assets.speech import SENTENCES, speech_dataset, word_error_rate
-from hf_tome.assets.whisper import whisper_tiny_en_path
+from hf_tome.evaluation.assets.speech import SENTENCES, speech_dataset, word_error_rate
+from hf_tome.evaluation.assets.whisper import whisper_tiny_en_path
 
 
 def r_for_target(model: torch.nn.Module, target: float, inflect: float) -> int:

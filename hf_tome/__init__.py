@@ -5,8 +5,8 @@
 >>> hf_tome.remove(model)  # back to the exact original behaviour
 
 The public names are imported on first use (PEP 562 ``__getattr__``), so ``import hf_tome`` imports neither
-torch nor transformers and ``hf-tome --help`` answers at once. The first use of any of them but ``ToMeConfig``
-registers every supported model family.
+torch nor transformers and ``hf-tome --help`` answers at once. Every supported model family registers on the
+first look-up of the adapter registry (see ``hf_tome.integration.registry``).
 """
 
 from __future__ import annotations
@@ -15,22 +15,24 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from . import plain_transformers as _plain_transformers
+from hf_tome.integration import plain_transformers as _plain_transformers
+from hf_tome.integration import registry as _registry
 
 if TYPE_CHECKING:
-    from .adapters.common import TokenMergeOutput
-    from .adapters.registry import supported_class_names
-    from .config import ToMeConfig
-    from .flops import ComputeReport, block_macs, compute_report
-    from .modeling import (
+    from hf_tome.config import ToMeConfig
+    from hf_tome.core.ops import unmerge
+    from hf_tome.core.plan import ReductionPlan
+    from hf_tome.integration.encoder import TokenMergeOutput
+    from hf_tome.integration.flops import ComputeReport, block_macs, compute_report
+    from hf_tome.integration.loading import (
         AutoModel,
         AutoModelForAudioClassification,
         AutoModelForImageClassification,
         AutoModelForSpeechSeq2Seq,
         AutoModelForVideoClassification,
     )
-    from .ops import unmerge
-    from .patch import apply, is_patched, remove
+    from hf_tome.integration.patch import apply, build_plan, is_patched, remove
+    from hf_tome.integration.registry import supported_class_names
 
 __version__ = "0.1.0"
 
@@ -41,10 +43,12 @@ __all__ = [
     "AutoModelForSpeechSeq2Seq",
     "AutoModelForVideoClassification",
     "ComputeReport",
+    "ReductionPlan",
     "ToMeConfig",
     "TokenMergeOutput",
     "apply",
     "block_macs",
+    "build_plan",
     "compute_report",
     "is_patched",
     "remove",
@@ -54,34 +58,37 @@ __all__ = [
 
 # Public name -> the submodule that defines it (the same imports as the TYPE_CHECKING block above).
 _ORIGINS = {
-    "AutoModel": "modeling",
-    "AutoModelForAudioClassification": "modeling",
-    "AutoModelForImageClassification": "modeling",
-    "AutoModelForSpeechSeq2Seq": "modeling",
-    "AutoModelForVideoClassification": "modeling",
-    "ComputeReport": "flops",
+    "AutoModel": "integration.loading",
+    "AutoModelForAudioClassification": "integration.loading",
+    "AutoModelForImageClassification": "integration.loading",
+    "AutoModelForSpeechSeq2Seq": "integration.loading",
+    "AutoModelForVideoClassification": "integration.loading",
+    "ComputeReport": "integration.flops",
+    "ReductionPlan": "core.plan",
     "ToMeConfig": "config",
-    "TokenMergeOutput": "adapters.common",
-    "apply": "patch",
-    "block_macs": "flops",
-    "compute_report": "flops",
-    "is_patched": "patch",
-    "remove": "patch",
-    "supported_class_names": "adapters.registry",
-    "unmerge": "ops",
+    "TokenMergeOutput": "integration.encoder",
+    "apply": "integration.patch",
+    "block_macs": "integration.flops",
+    "build_plan": "integration.patch",
+    "compute_report": "integration.flops",
+    "is_patched": "integration.patch",
+    "remove": "integration.patch",
+    "supported_class_names": "integration.registry",
+    "unmerge": "core.ops",
 }
 
 # transformers.AutoModel*.from_pretrained(..., tome_r=16) raises an error pointing at hf_tome's Auto classes.
 _plain_transformers.install()
+# What the registry imports on its first look-up: every model family (one module each under hf_tome.adapters)
+# and DC-ViT's slim blocks, which the loader rebuilds and the plans and MACs account for (a structure hook).
+# Named here, at the top, because they sit above the registry; importing them now would import transformers.
+_registry.set_builtin_plugins(("hf_tome.adapters", "hf_tome.dcvit.blocks"))
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name (or a submodule such as ``hf_tome.patch``) on first use."""
+    """Import a public name (or a submodule such as ``hf_tome.integration.patch``) on first use."""
     origin = _ORIGINS.get(name)
     if origin is not None:
-        if origin != "config":
-            # registers every model family, as the eager ``import hf_tome`` did before any name was used
-            importlib.import_module(f"{__name__}.adapters")
         value = getattr(importlib.import_module(f"{__name__}.{origin}"), name)
         globals()[name] = value  # later look-ups skip this function
         return value

@@ -1,6 +1,6 @@
 """The LitServe API: image classification with hf_tome under named, fixed token budgets.
 
-Requests arrive already validated and in canonical form (see :mod:`server.guard`). A batch may mix budgets;
+Requests arrive already validated and in canonical form (see :mod:`hf_tome_server.guard`). A batch may mix budgets;
 ``predict`` splits it into one forward pass per budget, so requests with different budgets never share a
 forward pass and every pass has the same token count per layer for all its images.
 """
@@ -41,7 +41,7 @@ class ImageClassificationAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from transformers import AutoImageProcessor
 
-        from hf_tome.evaluation import resolve_dtype
+        from hf_tome.evaluation.classification import resolve_dtype
 
         if self.threads:
             torch.set_num_threads(self.threads)

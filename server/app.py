@@ -1,4 +1,4 @@
-"""Build and run the hf-tome LitServe server (``hf-tome serve`` or ``python -m server``).
+"""Build and run the hf-tome LitServe server (``hf-tome serve`` or ``python -m hf_tome_server``).
 
 Endpoints: ``POST /predict`` (JSON ``{"image": "<base64>", "budget": "half", "top_k": 5}`` or a multipart
 upload with an ``image`` file field and optional ``budget``/``top_k`` fields), ``GET /health``, ``GET /info``,
@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import litserve as ls
 
-from hf_tome.cli_args import DefaultsHelpFormatter, add_serve_arguments
+from hf_tome.core.cli_help import DefaultsHelpFormatter
 
 from .api import ImageClassificationAPI
 from .budgets import DEFAULT_BUDGET_SPECS
 from .guard import Limits, RequestGuard
 from .metrics import ServerMetrics
+from .options import add_serve_arguments
 
 
 @dataclass
@@ -47,7 +48,7 @@ def build_server(options: ServerOptions) -> ls.LitServer:
     """A ready-to-run ``LitServer`` with request validation, budgets and a ``/metrics`` endpoint."""
     model = options.model
     if model is None:
-        from hf_tome.assets.default_model import default_model_path
+        from hf_tome.evaluation.assets.default_model import default_model_path
 
         model = str(default_model_path())
     metrics = ServerMetrics()

@@ -10,12 +10,11 @@ import typing
 import pytest
 from transformers.utils import TransformersKwargs
 
-import hf_tome  # noqa: F401  (registers the adapters)
-from hf_tome.adapters.registry import _ADAPTERS
+from hf_tome.integration.registry import registered_adapters
 
 PATCHED_FORWARDS = [
     pytest.param(stock, patched, id=f"{adapter.family}:{stock.__name__}")
-    for adapter in _ADAPTERS
+    for adapter in registered_adapters()
     for stock, patched in adapter.class_map.items()
     if patched.forward is not stock.forward
 ]
@@ -38,7 +37,7 @@ def can_output_attentions(function) -> bool:
 
 
 def test_every_family_overrides_some_forward():
-    assert {param.id.split(":")[0] for param in PATCHED_FORWARDS} == {a.family for a in _ADAPTERS}
+    assert {param.id.split(":")[0] for param in PATCHED_FORWARDS} == {a.family for a in registered_adapters()}
     assert len(PATCHED_FORWARDS) >= 30
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_tome.assets.cache import AssetUnavailableError
-from hf_tome.assets.dinov2 import (
+from hf_tome.evaluation.assets.cache import AssetUnavailableError
+from hf_tome.evaluation.assets.dinov2 import (
     FOLDER_NAME,
     SaliencyDecoder,
     check_against_onnxruntime,

@@ -13,8 +13,8 @@ from conftest import main_output
 from torch.utils.flop_counter import FlopCounterMode
 
 import hf_tome
-from hf_tome.ops import bipartite_soft_matching, merge_weighted, unmerge
-from hf_tome.schedule import merge_schedule, tokens_per_layer
+from hf_tome.core.ops import bipartite_soft_matching, merge_weighted, unmerge
+from hf_tome.core.schedule import merge_schedule, tokens_per_layer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 LAYERS = 4

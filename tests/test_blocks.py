@@ -7,14 +7,14 @@ import torch
 from conftest import main_output, make_model
 
 import hf_tome
-from hf_tome import blocks
-from hf_tome.block_budget import block_costs, plan_blocks
+from hf_tome.dcvit import blocks
+from hf_tome.dcvit.block_budget import block_costs, plan_blocks
 
 BLOCK_FAMILIES = ["vit-cls", "deit-cls", "dinov2-cls", "dinov2-reg-cls", "vit", "dinov2"]
 
 
 def _tokens(model) -> int:
-    from hf_tome.adapters.registry import find_adapter
+    from hf_tome.integration.registry import find_adapter
 
     shape = find_adapter(model).encoder_shape(model, None)
     return shape.num_patches + shape.protected
@@ -64,7 +64,7 @@ def test_target_in_gmacs_and_dense_targets():
     costs = block_costs(model)
     plans = [plan_blocks(costs, fraction) for fraction in (0.80, 0.79, 0.78, 0.77)]
     assert len({p.planned_macs for p in plans}) == 4  # every target gets its own model, not a block step
-    from hf_tome.block_budget import target_to_macs
+    from hf_tome.dcvit.block_budget import target_to_macs
 
     assert target_to_macs(4.5, 6_000_000_000) == 4_500_000_000  # > 1: GMACs per image
     assert target_to_macs(0.75, 6_000_000_000) == 4_500_000_000  # <= 1: a fraction of the full model

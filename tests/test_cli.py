@@ -9,9 +9,13 @@ import subprocess
 import sys
 
 import pytest
+from hf_tome_server import options as serve_args
 
 import hf_tome
-from hf_tome import cli, cli_args
+from hf_tome.budgets import options as search_args
+from hf_tome.cli import main as cli
+from hf_tome.core import cli_help
+from hf_tome.dcvit import options as compress_args
 
 HEAVY = ("torch", "transformers", "litserve", "datasets", "matplotlib", "accelerate")
 
@@ -36,7 +40,7 @@ def test_the_parser_and_every_help_are_built_without_heavy_imports_in_under_2_s(
     code = f"""
 import json, sys, time
 start = time.perf_counter()
-from hf_tome.cli import build_parser
+from hf_tome.cli.main import build_parser
 parser = build_parser()
 texts = [parser.format_help()]
 for action in parser._actions:
@@ -53,7 +57,7 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "helps": len(texts),
 @pytest.mark.parametrize("args", [["--help"], ["search", "--help"], ["serve", "--help"], ["compress", "--help"],
                                   ["--version"]])
 def test_help_and_version_exit_0_without_importing_torch(args):
-    code = (f"import sys\nfrom hf_tome.cli import main\ntry:\n    main({args!r})\nexcept SystemExit as exit:\n"
+    code = (f"import sys\nfrom hf_tome.cli.main import main\ntry:\n    main({args!r})\nexcept SystemExit as exit:\n"
             f"    print('exit', exit.code, sorted(m for m in {HEAVY!r} if m in sys.modules))")
     assert _python(code).stdout.strip().splitlines()[-1] == "exit 0 []"
 
@@ -77,17 +81,17 @@ def test_version_falls_back_to_the_package_version(monkeypatch):
 def _all_parsers() -> dict[str, argparse.ArgumentParser]:
     top = cli.build_parser()
     parsers = {"hf-tome": top, **{f"hf-tome {name}": sub for name, sub in _subparsers(top).items()}}
-    for name, add in (("hf_tome.search", cli_args.add_search_arguments),
-                      ("hf_tome.compress", cli_args.add_compress_arguments),
-                      ("server", cli_args.add_serve_arguments)):
-        parsers[name] = argparse.ArgumentParser(prog=name, formatter_class=cli_args.DefaultsHelpFormatter)
+    for name, add in (("hf_tome.budgets.search", search_args.add_search_arguments),
+                      ("hf_tome.dcvit.compress", compress_args.add_compress_arguments),
+                      ("hf_tome_server", serve_args.add_serve_arguments)):
+        parsers[name] = argparse.ArgumentParser(prog=name, formatter_class=cli_help.DefaultsHelpFormatter)
         add(parsers[name])
     return parsers
 
 
 def test_every_parser_uses_the_defaults_formatter():
     for name, parser in _all_parsers().items():
-        assert parser.formatter_class is cli_args.DefaultsHelpFormatter, name
+        assert parser.formatter_class is cli_help.DefaultsHelpFormatter, name
 
 
 def test_every_option_has_help_showing_its_default_once():
@@ -132,7 +136,7 @@ def test_help_text_shows_the_default(command, option, expected, capsys):
     assert "(default: train) (default: train)" not in text and "(default: test) (default: test)" not in text
 
 
-@pytest.mark.parametrize("module", ["hf_tome.search", "hf_tome.compress"])
+@pytest.mark.parametrize("module", ["hf_tome.budgets.search", "hf_tome.dcvit.compress"])
 def test_python_m_parsers_show_defaults(module, capsys):
     main = __import__(module, fromlist=["main"]).main
     with pytest.raises(SystemExit) as exit:
@@ -143,7 +147,7 @@ def test_python_m_parsers_show_defaults(module, capsys):
 
 
 def test_the_server_parser_shows_defaults(monkeypatch, capsys):
-    from server import app
+    from hf_tome_server import app
 
     monkeypatch.setattr(app, "run_server", lambda options: pytest.fail("--help must not start a server"))
     with pytest.raises(SystemExit) as exit:
@@ -154,47 +158,50 @@ def test_the_server_parser_shows_defaults(monkeypatch, capsys):
 
 
 def test_parser_defaults_agree_with_the_options_dataclasses():
-    from hf_tome.compress import options_from_args as compress_options
-    from hf_tome.search import options_from_args as search_options
+    from hf_tome.budgets.search import options_from_args as search_options
+    from hf_tome.dcvit.compress import options_from_args as compress_options
 
     parser = cli.build_parser()
-    assert search_options(parser.parse_args(["search"])) == cli_args.SearchOptions()
-    assert compress_options(parser.parse_args(["compress"])) == cli_args.CompressOptions()
+    assert search_options(parser.parse_args(["search"])) == search_args.SearchOptions()
+    assert compress_options(parser.parse_args(["compress"])) == compress_args.CompressOptions()
 
 
 def test_serve_defaults_agree_with_the_server():
-    from server import app
-    from server.budgets import DEFAULT_BUDGET_SPECS
-    from server.guard import Limits
+    from hf_tome_server import app
+    from hf_tome_server.budgets import DEFAULT_BUDGET_SPECS
+    from hf_tome_server.guard import Limits
 
-    assert cli_args.SERVE_BUDGETS == DEFAULT_BUDGET_SPECS
-    assert (cli_args.SERVE_MAX_BODY_BYTES, cli_args.SERVE_MAX_PIXELS) == (Limits().max_body_bytes, Limits().max_pixels)
+    assert serve_args.SERVE_BUDGETS == DEFAULT_BUDGET_SPECS
+    limits = Limits()
+    assert (serve_args.SERVE_MAX_BODY_BYTES, serve_args.SERVE_MAX_PIXELS) == (limits.max_body_bytes, limits.max_pixels)
     assert app.options_from_args(cli.build_parser().parse_args(["serve"])) == app.ServerOptions()
     options = app.options_from_args(cli.build_parser().parse_args(["serve", "--budget", "fast=r:16"]))
     assert options.budgets == ["fast=r:16"]  # given budgets replace the default ones
 
 
 def test_the_old_import_paths_still_work():
-    from hf_tome.compress import CompressOptions, add_compress_arguments
-    from hf_tome.search import SearchOptions, add_search_arguments
-    from server.app import add_serve_arguments
+    from hf_tome_server.app import add_serve_arguments
 
-    assert (SearchOptions, add_search_arguments) == (cli_args.SearchOptions, cli_args.add_search_arguments)
-    assert (CompressOptions, add_compress_arguments) == (cli_args.CompressOptions, cli_args.add_compress_arguments)
-    assert add_serve_arguments is cli_args.add_serve_arguments
+    from hf_tome.budgets.search import SearchOptions, add_search_arguments
+    from hf_tome.dcvit.compress import CompressOptions, add_compress_arguments
+
+    assert (SearchOptions, add_search_arguments) == (search_args.SearchOptions, search_args.add_search_arguments)
+    assert CompressOptions is compress_args.CompressOptions
+    assert add_compress_arguments is compress_args.add_compress_arguments
+    assert add_serve_arguments is serve_args.add_serve_arguments
 
 
 def test_public_names_load_on_first_use():
-    import hf_tome.modeling
-    import hf_tome.patch
+    import hf_tome.integration.loading
+    import hf_tome.integration.patch
 
-    assert hf_tome.__all__ == sorted(hf_tome.__all__) and len(hf_tome.__all__) == 15
+    assert hf_tome.__all__ == sorted(hf_tome.__all__) and len(hf_tome.__all__) == 17
     assert set(hf_tome.__all__) == set(hf_tome._ORIGINS) and set(hf_tome.__all__) <= set(dir(hf_tome))
-    assert hf_tome.apply is hf_tome.patch.apply
-    assert hf_tome.AutoModelForImageClassification is hf_tome.modeling.AutoModelForImageClassification
+    assert hf_tome.apply is hf_tome.integration.patch.apply
+    assert hf_tome.AutoModelForImageClassification is hf_tome.integration.loading.AutoModelForImageClassification
     from hf_tome import ToMeConfig, unmerge
 
-    assert ToMeConfig is hf_tome.config.ToMeConfig and unmerge is hf_tome.ops.unmerge
-    assert hf_tome.schedule.__name__ == "hf_tome.schedule"  # submodules load on first use too
+    assert ToMeConfig is hf_tome.config.ToMeConfig and unmerge is hf_tome.core.ops.unmerge
+    assert hf_tome.core.schedule.__name__ == "hf_tome.core.schedule"  # submodules load on first use too
     with pytest.raises(AttributeError, match="module 'hf_tome' has no attribute 'no_such_name'"):
         hf_tome.no_such_name  # noqa: B018

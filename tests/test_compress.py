@@ -13,10 +13,10 @@ from conftest import make_model
 from PIL import Image
 
 import hf_tome
-from hf_tome import blocks
-from hf_tome.compress import CompressOptions, main, run_compress
-from hf_tome.metric_set import generate_metric_set, total_variation
-from hf_tome.mimic import feature_mse, finetune_mimic, output_tokens
+from hf_tome.dcvit import blocks
+from hf_tome.dcvit.compress import CompressOptions, main, run_compress
+from hf_tome.dcvit.metric_set import generate_metric_set, total_variation
+from hf_tome.dcvit.mimic import feature_mse, finetune_mimic, output_tokens
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_push_to_hub_uploads_model_and_card(tiny_model_dir, image_folder, tmp_pa
 
 
 def test_model_card_reports_method_budget_samples_accuracy_and_speed():
-    from hf_tome.model_card import render_model_card
+    from hf_tome.dcvit.model_card import render_model_card
 
     model = make_model("dinov2-cls", num_hidden_layers=6)
     blocks.compress_layer(blocks.encoder_layers(model)[3], 40)
@@ -196,7 +196,8 @@ def test_accelerate_launch_with_two_processes_gives_the_same_architecture(tiny_m
     import sys
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-               "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "hf_tome.compress",
+               "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+               "-m", "hf_tome.dcvit.compress",
                "--model", str(tiny_model_dir), "--data", str(image_folder), "--num-images", "12", "--target", "0.7",
                "--out", str(tmp_path / "ddp"), "--batch-size", "4", "--metric-images", "5", "--metric-steps", "3",
                "--trial-epochs", "0.5", "--epochs-per-block", "1"]
@@ -211,8 +212,8 @@ def test_accelerate_launch_with_two_processes_gives_the_same_architecture(tiny_m
 
 
 def test_hf_tome_cli_has_the_compress_subcommand():
-    from hf_tome.cli import build_parser
-    from hf_tome.compress import options_from_args
+    from hf_tome.cli.main import build_parser
+    from hf_tome.dcvit.compress import options_from_args
 
     args = build_parser().parse_args(["compress", "--target", "0.6", "--method", "drop", "--num-images", "50",
                                       "--final-epochs", "2", "--resume", "--push-to-hub", "me/model"])

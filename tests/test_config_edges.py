@@ -12,8 +12,8 @@ from conftest import main_output, make_model
 
 import hf_tome
 from hf_tome import ToMeConfig
-from hf_tome.budget import FULL_GFLOPS_KEY, IMAGE_SIZE_KEY
-from hf_tome.patch import tome_config_of
+from hf_tome.integration.budget_table import FULL_GFLOPS_KEY, IMAGE_SIZE_KEY
+from hf_tome.integration.patch import tome_config_of
 
 FIELDS = ("['budget', 'budget_table', 'extra', 'inflect', 'merge_kept', 'merge_match', 'prop_attn', 'prune_kept', "
           "'r', 'trace_source']")
@@ -79,7 +79,7 @@ def test_from_pretrained_takes_the_pair_and_saves_it_as_r_and_inflect(tmp_path, 
 
 
 def test_server_budget_with_an_inflect_still_parses():
-    from server.budgets import parse_budgets
+    from hf_tome_server.budgets import parse_budgets
 
     budget = parse_budgets(make_model("vit-cls"), ["dec=r:8,-1"])["dec"]
     assert budget.config == ToMeConfig(r=(8, -1))
@@ -147,7 +147,7 @@ def test_prune_kept_above_the_tokens_entering_a_layer_raises_at_apply():
 
 
 def test_blocks_compressed_by_dcvit_carry_the_count_before_the_check():
-    from hf_tome import blocks
+    from hf_tome.dcvit import blocks
 
     model = make_model("vit")
     blocks.compress_layer(blocks.encoder_layers(model)[2], 20)

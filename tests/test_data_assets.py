@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_tome.assets import fashion_mnist
-from hf_tome.assets.fashion_mnist import (
+from hf_tome.evaluation.assets import fashion_mnist
+from hf_tome.evaluation.assets.fashion_mnist import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_LABELS,
     IdxFormatError,
     load_fashion_mnist,
     read_idx,
 )
-from hf_tome.assets.photos import DEFAULT_PHOTOS, skimage_photos
-from hf_tome.metrics import AVAILABLE_METRICS, load_metric, metric_script_path
-from hf_tome.metrics.wer.wer import word_edit_distance
+from hf_tome.evaluation.assets.photos import DEFAULT_PHOTOS, skimage_photos
+from hf_tome.evaluation.metrics import AVAILABLE_METRICS, load_metric, metric_script_path
+from hf_tome.evaluation.metrics.wer.wer import word_edit_distance
 
 _REAL_FILES = [
     FASHION_MNIST_DIR / name

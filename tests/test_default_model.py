@@ -9,11 +9,11 @@ import torch
 from transformers import AutoImageProcessor, Dinov2ForImageClassification
 
 import hf_tome
-from hf_tome.assets.cache import AssetUnavailableError
-from hf_tome.assets.default_model import default_model_path
-from hf_tome.assets.dinov2 import dinov2_small_path
-from hf_tome.assets.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
-from hf_tome.evaluation import evaluate_classifier
+from hf_tome.evaluation.assets.cache import AssetUnavailableError
+from hf_tome.evaluation.assets.default_model import default_model_path
+from hf_tome.evaluation.assets.dinov2 import dinov2_small_path
+from hf_tome.evaluation.assets.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
+from hf_tome.evaluation.classification import evaluate_classifier
 
 pytestmark = [
     pytest.mark.real_weights,

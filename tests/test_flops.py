@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 import hf_tome
-from hf_tome.flops import block_macs
+from hf_tome.integration.flops import block_macs
 
 
 def _meta_vit(**config) -> torch.nn.Module:

@@ -8,7 +8,7 @@ import transformers as T
 from conftest import IMAGE_MODELS, main_output, make_model, tokens_seen_by
 
 import hf_tome
-from hf_tome.schedule import merge_schedule, tokens_per_layer
+from hf_tome.core.schedule import merge_schedule, tokens_per_layer
 
 ALL = list(IMAGE_MODELS)
 NUM_PATCHES = 64  # 32 px / patch 4 -> 8 x 8

@@ -18,7 +18,7 @@ import importlib, sys
 import torch, transformers
 failures = []
 for name in sys.argv[1:]:
-    for loaded in [m for m in sys.modules if m.split(".")[0] in ("hf_tome", "server")]:
+    for loaded in [m for m in sys.modules if m.split(".")[0] in ("hf_tome", "hf_tome_server")]:
         del sys.modules[loaded]
     try:
         importlib.import_module(name)
@@ -31,13 +31,13 @@ sys.exit(1 if failures else 0)
 
 def project_modules() -> list[str]:
     names = [info.name for info in pkgutil.walk_packages(hf_tome.__path__, "hf_tome.")]
-    names += [f"server.{path.stem}" for path in (ROOT / "server").glob("*.py") if path.stem != "__main__"]
+    names += [f"hf_tome_server.{path.stem}" for path in (ROOT / "server").glob("*.py") if path.stem != "__main__"]
     return sorted(names)
 
 
 def test_every_module_imports_first():
     modules = project_modules()
-    assert "hf_tome.adapters.swin" in modules and "hf_tome.flops" in modules and "server.app" in modules
+    assert {"hf_tome.adapters.swin", "hf_tome.integration.flops", "hf_tome_server.app"} <= set(modules)
     done = subprocess.run([sys.executable, "-c", SCRIPT, *modules], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]

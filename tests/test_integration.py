@@ -9,7 +9,7 @@ from conftest import make_model
 from PIL import Image
 
 import hf_tome
-from hf_tome.visualize import draw_groups, group_labels, visualize_merges
+from hf_tome.evaluation.visualize import draw_groups, group_labels, visualize_merges
 
 
 def _processor() -> T.ViTImageProcessor:

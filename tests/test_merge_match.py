@@ -7,8 +7,8 @@ import torch
 from conftest import IMAGE_MODELS, main_output, make_model, mlp_norms, tokens_seen_by
 
 import hf_tome
-from hf_tome.budget import FULL_GFLOPS_KEY
-from hf_tome.schedule import tokens_per_layer
+from hf_tome.core.schedule import tokens_per_layer
+from hf_tome.integration.budget_table import FULL_GFLOPS_KEY
 
 ALL = list(IMAGE_MODELS)
 NUM_PATCHES = 64
@@ -128,8 +128,8 @@ def test_budget_rows_carry_their_merge_match_through_save_and_load(tmp_path, pix
 
 
 def test_bipartite_candidates_stay_within_reach_and_match_their_gmacs():
-    from hf_tome.adapters.registry import find_adapter
-    from hf_tome.search_space import SearchSpace, sample_candidates
+    from hf_tome.budgets.search_space import SearchSpace, sample_candidates
+    from hf_tome.integration.registry import find_adapter
 
     model = make_model("deit-cls", num_hidden_layers=8)  # enough layers for 40 distinct candidates
     space = SearchSpace.for_shape(find_adapter(model).encoder_shape(model, None))

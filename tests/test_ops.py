@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_tome.ops import bipartite_soft_matching, merge_source, merge_weighted, unmerge
-from hf_tome.schedule import clamp_r, tokens_per_layer
+from hf_tome.core.ops import bipartite_soft_matching, merge_source, merge_weighted, unmerge
+from hf_tome.core.schedule import clamp_r, tokens_per_layer
 
 
 @pytest.mark.parametrize("protected", [0, 1, 2, 5])

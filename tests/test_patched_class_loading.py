@@ -57,7 +57,7 @@ def test_patched_class_from_pretrained_loads_the_saved_weights(family, tmp_path)
 
 
 def test_a_class_hf_tome_did_not_make_is_refused():
-    from hf_tome.adapters.registry import stock_class_of
+    from hf_tome.integration.registry import stock_class_of
 
     with pytest.raises(ValueError, match="ViTModel is not an hf_tome patched class"):
         stock_class_of(T.ViTModel)

@@ -13,7 +13,7 @@ import transformers
 from conftest import make_model
 
 import hf_tome
-from hf_tome import plain_transformers
+from hf_tome.integration import plain_transformers
 
 AUTO_MODEL_ERROR = ("transformers.AutoModel.from_pretrained() does not take tome_r: transformers would pass it on to "
                     "the model's __init__. Load with hf_tome's Auto class instead: hf_tome.AutoModel.from_pretrained("

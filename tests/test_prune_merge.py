@@ -8,8 +8,8 @@ import transformers as T
 from conftest import IMAGE_MODELS, main_output, make_model, mlp_norms, tokens_seen_by
 
 import hf_tome
-from hf_tome.budget import FULL_GFLOPS_KEY, select_budget_row
-from hf_tome.ops import class_attention, prune_and_merge, soft_prune_merge
+from hf_tome.core.ops import class_attention, prune_and_merge, soft_prune_merge
+from hf_tome.integration.budget_table import FULL_GFLOPS_KEY, select_budget_row
 
 ALL = list(IMAGE_MODELS)
 NUM_PATCHES = 64
@@ -282,8 +282,8 @@ def test_budget_without_table_raises():
 
 
 def test_search_space_candidates_sit_in_their_buckets():
-    from hf_tome.adapters.registry import find_adapter
-    from hf_tome.search_space import SearchSpace, sample_candidates
+    from hf_tome.budgets.search_space import SearchSpace, sample_candidates
+    from hf_tome.integration.registry import find_adapter
 
     model = make_model("deit-cls")
     space = SearchSpace.for_shape(find_adapter(model).encoder_shape(model, None))
@@ -320,7 +320,7 @@ def tiny_classifier_and_data(tmp_path):
 def test_search_end_to_end_writes_the_table(method, tiny_classifier_and_data, tmp_path, pixels):
     import json
 
-    from hf_tome.search import main
+    from hf_tome.budgets.search import main
 
     model_dir, data_dir = tiny_classifier_and_data
     out = tmp_path / f"out-{method}"
@@ -348,7 +348,7 @@ def test_cached_evaluator_replays_block0_exactly(tiny_classifier_and_data):
     import datasets
     from accelerate import Accelerator
 
-    from hf_tome.search_eval import CachedEvaluator
+    from hf_tome.budgets.search_eval import CachedEvaluator
 
     model_dir, data_dir = tiny_classifier_and_data
     model = hf_tome.AutoModelForImageClassification.from_pretrained(model_dir)

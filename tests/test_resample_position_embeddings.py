@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 import hf_tome
-from hf_tome.assets.default_model import resample_position_embeddings
+from hf_tome.evaluation.assets.default_model import resample_position_embeddings
 
 TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=4,
                    image_size=40, num_labels=3)  # a 10x10 trained grid, like the real model's 37x37 one

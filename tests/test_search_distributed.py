@@ -10,7 +10,7 @@ import sys
 import pytest
 from test_prune_merge import tiny_classifier_and_data  # noqa: F401 (a fixture)
 
-from hf_tome.search import main
+from hf_tome.budgets.search import main
 
 ARGS = ["--targets", "0.8", "0.6", "--candidates", "8", "--search-images", "16", "--val-images", "8",
         "--stage-images", "8", "16", "--keep", "0.5", "--batch-size", "4", "--dtype", "float32"]
@@ -22,7 +22,8 @@ def test_two_processes_find_the_same_table_as_one(tiny_classifier_and_data, tmp_
     common = ["--model", str(model_dir), "--dataset", str(data_dir), *ARGS]
     main([*common, "--out", str(tmp_path / "one")])
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_tome.search",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "hf_tome.budgets.search",
                *common, "--out", str(tmp_path / "two")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

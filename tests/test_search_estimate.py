@@ -8,8 +8,8 @@ import re
 import pytest
 from test_prune_merge import tiny_classifier_and_data  # noqa: F401 (a fixture)
 
-from hf_tome import search
-from hf_tome.search import estimate_search, format_duration, stage_quota
+from hf_tome.budgets import search
+from hf_tome.budgets.search import estimate_search, format_duration, stage_quota
 
 
 @pytest.mark.parametrize("members, keep, last, quota", [
@@ -52,7 +52,7 @@ def test_format_duration(seconds, text):
 
 def test_the_search_prints_its_estimate_first_and_runs_the_passes_it_counted(tiny_classifier_and_data, tmp_path,  # noqa: F811
                                                                               monkeypatch, capsys):
-    from hf_tome.search_eval import CachedEvaluator
+    from hf_tome.budgets.search_eval import CachedEvaluator
 
     batches: list[int] = []
     counting = {"on": False}

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from hf_tome.adapters.registry import EncoderShape
-from hf_tome.search_space import SearchSpace, random_profile, sample_candidates, shaped_profile
+from hf_tome.budgets.search_space import SearchSpace, random_profile, sample_candidates, shaped_profile
+from hf_tome.core.macs import EncoderShape
 
 # DINOv2-S at 224 px with a 10-class head: 256 patches + the class token, 6.124 GMACs uncompressed.
 DINOV2_S = EncoderShape(hidden_size=384, intermediate_size=1536, num_layers=12, num_patches=256, protected=1,

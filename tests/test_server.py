@@ -43,7 +43,7 @@ def _png(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:
 def _serve(folder: Path, max_batch_size: int):
     """Start the server on a free port; yields its URL and ends the whole process group afterwards."""
     port = _free_port()
-    command = [sys.executable, "-m", "server", "--model", str(folder), "--budget", "full=r:0", "--budget",
+    command = [sys.executable, "-m", "hf_tome_server", "--model", str(folder), "--budget", "full=r:0", "--budget",
                "fast=r:6", "--port", str(port), "--threads", "1", "--max-batch-size", str(max_batch_size),
                "--batch-timeout", "0.2", "--max-body-bytes", str(MAX_BODY), "--max-pixels", str(MAX_PIXELS)]
     log = open(folder / "server.log", "w")  # noqa: SIM115

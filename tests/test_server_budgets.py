@@ -6,12 +6,12 @@ import io
 
 import pytest
 from conftest import make_model
+from hf_tome_server.budgets import parse_budgets
+from hf_tome_server.guard import Limits, RequestError, check_image
+from hf_tome_server.metrics import ServerMetrics, percentile
 from PIL import Image
 
 import hf_tome
-from server.budgets import parse_budgets
-from server.guard import Limits, RequestError, check_image
-from server.metrics import ServerMetrics, percentile
 
 
 def test_budgets_fix_tokens_per_layer_and_macs() -> None:

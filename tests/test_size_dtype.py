@@ -13,8 +13,9 @@ import transformers as T
 
 import hf_tome
 import hf_tome.adapters.swin as swin_adapter
-from hf_tome.adapters.common import SoftKept, proportional_attention_mask, reduce_layer_tokens, weighted_token_mean
-from hf_tome.ops import bipartite_soft_matching, merge_weighted, prune_and_merge, soft_prune_merge, unmerge
+from hf_tome.core.ops import bipartite_soft_matching, merge_weighted, prune_and_merge, soft_prune_merge, unmerge
+from hf_tome.core.plan import SoftKept
+from hf_tome.core.reduce import proportional_attention_mask, reduce_layer_tokens, weighted_token_mean
 
 HALF = [torch.bfloat16, torch.float16]
 SMALL = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=9)

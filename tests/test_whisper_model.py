@@ -7,8 +7,8 @@ import torch
 import transformers as T
 
 import hf_tome
-from hf_tome.assets.cache import AssetUnavailableError
-from hf_tome.schedule import merge_schedule, tokens_per_layer
+from hf_tome.core.schedule import merge_schedule, tokens_per_layer
+from hf_tome.evaluation.assets.cache import AssetUnavailableError
 
 MEL, TOKENS = 16, 32  # 64 input frames -> 32 encoder tokens (conv2 has stride 2)
 TINY = dict(vocab_size=100, num_mel_bins=MEL, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -242,8 +242,8 @@ def test_real_whisper_tiny_wer_with_merging():
     of the unmerged model's."""
     from transformers import WhisperProcessor
 
-    from hf_tome.assets.speech import SENTENCES, speech_dataset, word_error_rate
-    from hf_tome.assets.whisper import whisper_tiny_en_path
+    from hf_tome.evaluation.assets.speech import SENTENCES, speech_dataset, word_error_rate
+    from hf_tome.evaluation.assets.whisper import whisper_tiny_en_path
 
     try:
         folder = whisper_tiny_en_path()
@@ -303,7 +303,7 @@ def test_decoder_batch_other_than_encoder_batch_with_merging(features, decoder_i
 
 def test_stock_arguments_are_passed_by_name():
     """Overrides bind calls to the installed stock signature, so a renamed cache argument cannot shift the rest."""
-    from hf_tome.adapters.stock_calls import CACHE_ARGUMENTS, named_parameters, stock_arguments
+    from hf_tome.integration.stock_calls import CACHE_ARGUMENTS, named_parameters, stock_arguments
 
     layer_forward = T.models.whisper.modeling_whisper.WhisperDecoderLayer.forward
     cache_name = next(name for name in CACHE_ARGUMENTS if name in named_parameters(layer_forward))

@@ -14,16 +14,12 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..mixin import ToMeModelMixin
-from .common import (
-    KeyMetricAttentionMixin,
-    PreNormReduceLayerMixin,
-    ReductionPlan,
-    TokenMergeOutput,
-    run_layers,
-    weighted_token_mean,
-)
-from .registry import Adapter, EncoderShape, register_adapter
+from hf_tome.core.macs import EncoderShape
+from hf_tome.core.plan import ReductionPlan
+from hf_tome.core.reduce import weighted_token_mean
+from hf_tome.integration.encoder import KeyMetricAttentionMixin, PreNormReduceLayerMixin, TokenMergeOutput, run_layers
+from hf_tome.integration.mixin import ToMeModelMixin
+from hf_tome.integration.registry import Adapter, register_adapter
 
 
 class _Dinov2LayerMixin(PreNormReduceLayerMixin):

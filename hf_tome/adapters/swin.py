@@ -40,13 +40,13 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..config import ToMeConfig
-from ..macs import ComputeReport
-from ..mixin import ToMeModelMixin
-from ..ops import Matching, bipartite_soft_matching, unmerge
-from ..schedule import clamp_r, merge_schedule
-from .common import ReductionPlan
-from .registry import Adapter, EncoderShape, register_adapter
+from hf_tome.config import ToMeConfig
+from hf_tome.core.macs import ComputeReport, EncoderShape
+from hf_tome.core.ops import Matching, bipartite_soft_matching, unmerge
+from hf_tome.core.plan import ReductionPlan
+from hf_tome.core.schedule import clamp_r, merge_schedule
+from hf_tome.integration.mixin import ToMeModelMixin
+from hf_tome.integration.registry import Adapter, register_adapter
 
 STAGE_R_KEY = "swin_stage_r"
 MERGE_MLP_KEY = "swin_merge_mlp"
@@ -317,7 +317,7 @@ def build_swin_plan(model: nn.Module, config: ToMeConfig) -> SwinReductionPlan:
     """The Swin plan of ``config``: per-window r per layer, clamped to half of each stage's window tokens."""
     swin_config = model.config
     depths = list(swin_config.depths)
-    extra = config.extra  # its keys were checked against Adapter.extra_keys by hf_tome.patch.build_plan
+    extra = config.extra  # its keys were checked against Adapter.extra_keys by hf_tome.integration.patch.build_plan
     if config.trace_source or config.prune_kept is not None:
         raise ValueError("Swin supports per-window merging only: expected trace_source=False and prune_kept=None "
                          "(every Swin layer unmerges, so no token sources or pruned tokens exist)")

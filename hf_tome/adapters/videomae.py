@@ -20,16 +20,12 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..mixin import ToMeModelMixin
-from .common import (
-    ReductionPlan,
-    TokenMergeOutput,
-    proportional_attention_mask,
-    reduce_tokens,
-    run_layers,
-    weighted_token_mean,
-)
-from .registry import Adapter, EncoderShape, register_adapter
+from hf_tome.core.macs import EncoderShape
+from hf_tome.core.plan import ReductionPlan
+from hf_tome.core.reduce import proportional_attention_mask, reduce_tokens, weighted_token_mean
+from hf_tome.integration.encoder import TokenMergeOutput, run_layers
+from hf_tome.integration.mixin import ToMeModelMixin
+from hf_tome.integration.registry import Adapter, register_adapter
 
 
 class ToMeVideoMAESelfAttention(videomae.VideoMAESelfAttention):
@@ -87,7 +83,7 @@ class ToMeVideoMAEModel(ToMeModelMixin, videomae.VideoMAEModel):
     """``VideoMAEModel`` running hf_tome's encoder loop; returns a :class:`TokenMergeOutput`.
 
     Without mean pooling ``last_hidden_state`` is layer-normed as in the stock model; with it, average the
-    tokens weighted by ``token_sizes`` (see ``hf_tome.adapters.common.weighted_token_mean``).
+    tokens weighted by ``token_sizes`` (see ``hf_tome.integration.encoder.weighted_token_mean``).
     """
 
     _tome_plan: ReductionPlan

@@ -12,15 +12,16 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..mixin import ToMeModelMixin
-from .common import (
+from hf_tome.core.macs import EncoderShape
+from hf_tome.core.plan import ReductionPlan
+from hf_tome.integration.encoder import (
     KeyMetricAttentionMixin,
     PreNormReduceLayerMixin,
-    ReductionPlan,
     TokenMergeOutput,
     encode_and_pool,
 )
-from .registry import Adapter, EncoderShape, register_adapter
+from hf_tome.integration.mixin import ToMeModelMixin
+from hf_tome.integration.registry import Adapter, register_adapter
 
 
 class _ViTStyleModelMixin(ToMeModelMixin):

@@ -31,10 +31,13 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..mixin import ToMeModelMixin
-from .common import ReductionPlan, proportional_attention_mask, reduce_tokens, run_layers
-from .registry import Adapter, EncoderShape, register_adapter
-from .stock_calls import CACHE_ARGUMENTS, named_parameters, stock_arguments, with_stock_signature
+from hf_tome.core.macs import EncoderShape
+from hf_tome.core.plan import ReductionPlan
+from hf_tome.core.reduce import proportional_attention_mask, reduce_tokens
+from hf_tome.integration.encoder import run_layers
+from hf_tome.integration.mixin import ToMeModelMixin
+from hf_tome.integration.registry import Adapter, register_adapter
+from hf_tome.integration.stock_calls import CACHE_ARGUMENTS, named_parameters, stock_arguments, with_stock_signature
 
 
 @dataclass

@@ -1,0 +1,386 @@
+"""``hf-tome search``: per-layer prune + merge rates searched under FLOPs targets, written as a budget table.
+
+Random search (default): draw candidates of kept counts that are non-increasing by depth, each fitted just
+under one FLOPs target (the target's bucket); evaluate them in stages on growing subsets of the search images,
+keeping the best fraction of every bucket after each stage; the best of each bucket is scored on held-out
+validation images and becomes a table row. ``--method diffrate`` learns the rates by gradient descent instead.
+Both run under Accelerate: ``accelerate launch -m hf_tome.budgets.search ...`` shards the evaluation over processes,
+and plain ``hf-tome search`` runs on one CPU.
+
+Outputs in ``--out``: ``search.json`` (candidates, stages, rows, timings) and ``search.png`` (accuracy against
+GMACs, searched rows and constant-r ToMe); the model with the table in its config goes to ``--save-model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from hf_tome.budgets.options import SearchOptions, add_search_arguments
+from hf_tome.budgets.search_space import Candidate, SearchSpace, sample_candidates
+from hf_tome.config import ToMeConfig
+from hf_tome.core.cli_help import DefaultsHelpFormatter
+from hf_tome.integration.budget_table import FULL_GFLOPS_KEY, IMAGE_SIZE_KEY, budget_in_gflops
+
+
+def _rank_key(scores: torch.Tensor, early: bool):
+    """Sort key. Early stages: lower KL divergence from the uncompressed model (on a few images far less noisy
+    than accuracy). The last stage, which picks the row: higher accuracy, ties broken by the loss."""
+    if early:
+        return lambda item: float(scores[item, 3])
+    return lambda item: (-float(scores[item, 0]), float(scores[item, 1]))
+
+
+def stage_quota(members: int, keep: float, last: bool) -> int:
+    """How many of a bucket's ``members`` candidates survive a stage: its best one after the last stage, else
+    the best ``keep`` fraction, at least 2 (never more than there are)."""
+    return min(members, 1 if last else max(2, math.ceil(keep * members)))
+
+
+@dataclass(frozen=True)
+class SearchEstimate:
+    """The forward passes :func:`staged_random_search` will run and how long they should take.
+
+    ``stages`` holds, per stage, the candidates it evaluates, the images each one runs on (this process's share)
+    and the forward passes that takes per candidate. ``reference_passes`` are the uncompressed model's passes
+    of the stages before the last (their KL reference, once per image).
+    """
+
+    stages: tuple[tuple[int, int, int], ...]
+    reference_passes: int
+    batch_size: int
+    seconds_per_image: float
+    seconds: float
+
+    @property
+    def passes(self) -> int:
+        """Forward passes in all (candidates and references)."""
+        return sum(candidates * passes for candidates, _, passes in self.stages) + self.reference_passes
+
+    def message(self, device: str, processes: int = 1) -> str:
+        """One line for the log, e.g. ``estimated search time: ~2.8 h (15,604 forward passes ...)``."""
+        first, *rest = self.stages
+        parts = [f"{first[0]:,} candidates x {first[2]:,} pass{'es' if first[2] != 1 else ''} ({first[1]:,} images)"]
+        parts += [f"{candidates:,} x {passes:,} ({images:,} images)" for candidates, images, passes in rest]
+        if self.reference_passes:
+            parts.append(f"and {self.reference_passes:,} uncompressed reference pass"
+                         f"{'es' if self.reference_passes != 1 else ''}")
+        where = f"{device} x {processes} processes" if processes > 1 else device
+        return (f"estimated search time: {format_duration(self.seconds)} ({self.passes:,} forward passes of up to "
+                f"{self.batch_size} images on {where}: {', '.join(parts)}; "
+                f"{self.seconds_per_image * self.batch_size:.3g} s per pass of {self.batch_size} images, measured); "
+                f"use --candidates N to shorten")
+
+
+def estimate_search(bucket_sizes: Sequence[int], stage_images: Sequence[int], keep: float, batch_size: int,
+                    seconds_per_image: float) -> SearchEstimate:
+    """The passes and seconds of :func:`staged_random_search` on buckets of ``bucket_sizes`` candidates.
+
+    Stage ``k`` runs every surviving candidate on ``stage_images[k]`` images (this process's share) in passes of
+    up to ``batch_size``, then keeps :func:`stage_quota` of every bucket. The stages before the last also run
+    the uncompressed model once on the images no earlier stage referenced (the stages' images are taken to grow
+    as prefixes, as they do in one process). The seconds are the images run through the model times
+    ``seconds_per_image``, measured on the candidates (block 0 replayed); caching block 0 (one block per image,
+    once) is left out.
+    """
+    sizes, stages, reference_passes, images_run, referenced = list(bucket_sizes), [], 0, 0, 0
+    for number, images in enumerate(stage_images):
+        last = number == len(stage_images) - 1
+        evaluated = sum(sizes)
+        stages.append((evaluated, images, math.ceil(images / batch_size)))
+        images_run += evaluated * images
+        if not last and images > referenced:
+            reference_passes += math.ceil((images - referenced) / batch_size)
+            images_run += images - referenced
+            referenced = images
+        sizes = [stage_quota(size, keep, last) for size in sizes]
+    return SearchEstimate(tuple(stages), reference_passes, batch_size, seconds_per_image,
+                          images_run * seconds_per_image)
+
+
+def format_duration(seconds: float) -> str:
+    """``~45 s``, ``~12 min`` or ``~2.3 h``."""
+    if seconds < 1:
+        return "<1 s"
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+def measure_search_estimate(evaluator, candidates: list[Candidate], stage_images: list[int],
+                            keep: float) -> SearchEstimate:
+    """:func:`estimate_search` with the seconds per image measured on this machine: one pass of a batch of the
+    search images for the first candidate of every bucket (after a warm-up pass)."""
+    buckets = Counter(candidate.target for candidate in candidates)
+    first = {}
+    for candidate in candidates:
+        first.setdefault(candidate.target, candidate)
+    seconds_per_image = evaluator.seconds_per_image([first[target].setting for target in sorted(first)],
+                                                    max(stage_images))
+    local_images = [len(evaluator.local_indices(count)) for count in stage_images]
+    return estimate_search([buckets[target] for target in sorted(buckets)], local_images, keep,
+                           evaluator.batch_size, seconds_per_image)
+
+
+def staged_random_search(evaluator, candidates: list[Candidate], stage_images: list[int], keep: float,
+                         accelerator) -> tuple[list[Candidate], list[float], list[dict]]:
+    """Evaluate on growing subsets, keeping the ``keep`` fraction of every bucket closest to the uncompressed
+    model's predictions, then the most accurate candidate of every bucket on the last subset.
+
+    Returns the best candidate of every bucket, its accuracy in the last stage, and a log of the stages.
+    """
+    survivors, stages, accuracy = list(candidates), [], []
+    for number, count in enumerate(stage_images):
+        start = time.perf_counter()
+        last = number == len(stage_images) - 1
+        scores = evaluator.evaluate([c.setting for c in survivors], count,
+                                    description=f"stage {number + 1}/{len(stage_images)} ({count} images)",
+                                    fidelity=not last)
+        chosen: list[int] = []
+        for target in sorted({c.target for c in survivors}):
+            members = sorted((i for i, c in enumerate(survivors) if c.target == target),
+                             key=_rank_key(scores, early=not last))
+            chosen.extend(members[: stage_quota(len(members), keep, last)])
+        kept = [survivors[i] for i in chosen]
+        accuracy = [float(scores[i, 0] / scores[i, 2]) for i in chosen]
+        stages.append({"images": int(scores[0, 2]) if len(scores) else 0, "evaluated": len(survivors),
+                       "kept": len(kept), "seconds": time.perf_counter() - start,
+                       "kept_accuracy": accuracy})
+        if accelerator.is_main_process:
+            print(f"stage {number + 1}: {len(survivors)} candidates on {stages[-1]['images']} images, kept "
+                  f"{len(kept)} ({stages[-1]['seconds']:.0f} s)", file=sys.stderr)
+        survivors = kept
+    return survivors, accuracy, stages
+
+
+def constant_r_bracket(space: SearchSpace, target_gmacs: float) -> list[int]:
+    """Constant ToMe r values just above and just below ``target_gmacs`` (fewest MACs >= and most MACs <=)."""
+    from hf_tome.core.schedule import tokens_per_layer
+    from hf_tome.integration.flops import encoder_report
+
+    def gmacs(r: int) -> float:
+        counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
+        return encoder_report(space.shape, counts[1:]).gmacs
+
+    above = [r for r in range(space.num_tokens) if gmacs(r) >= target_gmacs]
+    below = [r for r in range(space.num_tokens) if gmacs(r) <= target_gmacs]
+    return sorted({max(above, default=0), min(below, default=max(above, default=0))})
+
+
+def _load(options: SearchOptions, accelerator):
+    from transformers import AutoImageProcessor
+
+    from hf_tome.evaluation.datasets import load_eval_dataset
+    from hf_tome.integration.loading import AutoModelForImageClassification
+
+    if options.model is None:
+        from hf_tome.evaluation.assets.default_model import default_model_path
+
+        with accelerator.main_process_first():  # build the default model once, not once per process
+            model_name = str(default_model_path())
+    else:
+        model_name = options.model
+    model = AutoModelForImageClassification.from_pretrained(model_name)
+    saved = ToMeConfig.from_dict(model.config.tome) if getattr(model.config, "tome", None) else ToMeConfig()
+    base = saved.replace(r=0, prune_kept=None, merge_kept=None, budget=None, budget_table=None, trace_source=False)
+    from hf_tome.integration.patch import apply
+
+    apply(model, base)
+    processor = AutoImageProcessor.from_pretrained(model_name)
+    dataset = load_eval_dataset(options.dataset, options.split, None).shuffle(seed=options.seed)
+    needed = options.search_images + options.val_images
+    if len(dataset) < needed:
+        raise ValueError(f"split {options.split!r} of {options.dataset!r} has {len(dataset)} rows: expected at least "
+                         f"search_images + val_images = {needed}")
+    search_set = dataset.select(range(options.search_images))
+    val_set = dataset.select(range(options.search_images, needed))
+    return model_name, model, processor, search_set, val_set, base
+
+
+def run_search(options: SearchOptions) -> dict:
+    """Run the search end to end; returns the JSON payload (also written to ``options.out/search.json``)."""
+    from hf_tome.budgets.search_eval import CachedEvaluator
+    from hf_tome.evaluation.accel import make_accelerator
+    from hf_tome.evaluation.classification import resolve_dtype
+    from hf_tome.integration.registry import find_adapter
+
+    started = time.perf_counter()
+    accelerator = make_accelerator(cpu=options.cpu)
+    model_name, model, processor, search_set, val_set, base = _load(options, accelerator)
+    probe = processor(images=search_set[0]["image"].convert("RGB"), return_tensors="pt")["pixel_values"]
+    image_size = tuple(int(v) for v in probe.shape[-2:])
+    space = SearchSpace.for_shape(find_adapter(model).encoder_shape(model, image_size))
+    full = space.full_gmacs
+    targets = [budget_in_gflops(target, full) for target in options.targets]
+    dtype = resolve_dtype(options.dtype, accelerator.device)
+    stage_images = sorted({min(count, options.search_images) for count in options.stage_images})
+    searcher = CachedEvaluator(model, search_set, processor, accelerator, dtype, options.batch_size)
+    log: dict = {}
+    if options.method == "random":
+        candidates = sample_candidates(space, targets, options.candidates, options.seed, shaped=options.shaped,
+                                       merge_matches=options.merge_matches)
+        estimate = measure_search_estimate(searcher, candidates, stage_images, options.keep)
+        log["estimate"] = {"seconds": estimate.seconds, "passes": estimate.passes,
+                           "seconds_per_image": estimate.seconds_per_image}
+        if accelerator.is_main_process:
+            print(estimate.message(accelerator.device.type, accelerator.num_processes), file=sys.stderr)
+        best, search_accuracy, log["stages"] = staged_random_search(searcher, candidates, stage_images, options.keep,
+                                                                    accelerator)
+    elif options.method == "diffrate":
+        from hf_tome.budgets.diffrate import diffrate_search
+
+        best, log["diffrate"] = [], []
+        for index, target in enumerate(targets):
+            found, steps = diffrate_search(searcher, space, target, options.search_images, options.diffrate_steps,
+                                           options.diffrate_batch, options.diffrate_lr, options.flops_weight,
+                                           options.seed)
+            best.append(Candidate(found.prune_kept, found.merge_kept, found.gmacs, index))
+            log["diffrate"].append(steps)
+        scores = searcher.evaluate([c.setting for c in best], options.search_images,
+                                   "search accuracy of the learned rows")
+        search_accuracy = (scores[:, 0] / scores[:, 2]).tolist()
+    else:
+        raise ValueError(f"method={options.method!r} is invalid: expected 'random' or 'diffrate'")
+    search_seconds = time.perf_counter() - started
+    del searcher
+    validator = CachedEvaluator(model, val_set, processor, accelerator, dtype, options.batch_size,
+                                keep_pixels=options.baseline)
+    full_kept = (space.num_tokens,) * space.num_layers
+    chosen = [Candidate(full_kept, full_kept, full, -1), *best]
+    val_scores = validator.evaluate([c.setting for c in chosen], options.val_images,
+                                    "validation accuracy of the rows")
+    rows = []
+    for number, candidate in enumerate(chosen):
+        row = {"gflops": candidate.gmacs, "fraction": candidate.gmacs / full,
+               "prune_kept": list(candidate.prune_kept), "merge_kept": list(candidate.merge_kept),
+               "merge_match": candidate.merge_match,
+               "accuracy": float(val_scores[number, 0] / val_scores[number, 2])}
+        if number > 0:
+            row["target"] = options.targets[candidate.target]
+            row["search_accuracy"] = search_accuracy[number - 1]
+        rows.append(row)
+    rows.sort(key=lambda row: row["gflops"])
+    baseline = []
+    if options.baseline:
+        r_values = sorted({r for target in targets for r in constant_r_bracket(space, target)})
+        scores = validator.evaluate_merging(r_values, options.val_images)
+        from hf_tome.core.schedule import tokens_per_layer
+        from hf_tome.integration.flops import encoder_report
+
+        for number, r in enumerate(r_values):
+            counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
+            gmacs = encoder_report(space.shape, counts[1:]).gmacs
+            baseline.append({"r": r, "gflops": gmacs, "fraction": gmacs / full,
+                             "accuracy": float(scores[number, 0] / scores[number, 2])})
+    table_config = base.replace(budget_table=rows, extra={**base.extra, FULL_GFLOPS_KEY: full,
+                                                          IMAGE_SIZE_KEY: list(image_size)})
+    payload = {"model": model_name, "dataset": options.dataset, "split": options.split, "method": options.method,
+               "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+               "image_size": list(image_size), "full_gflops": full, "targets_gflops": targets,
+               "dtype": str(dtype), "processes": accelerator.num_processes, "search_seconds": search_seconds,
+               "total_seconds": time.perf_counter() - started, "rows": rows, "tome_baseline": baseline, "log": log}
+    payload["saved_model"] = str(Path(options.save_model) if options.save_model else Path(options.out) / "model")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_outputs(options, model_name, table_config, payload)
+    accelerator.wait_for_everyone()
+    return payload
+
+
+def _write_outputs(options: SearchOptions, model_name: str, table_config: ToMeConfig, payload: dict) -> None:
+    from transformers import AutoImageProcessor
+
+    from hf_tome.integration.loading import AutoModelForImageClassification
+
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_dir = Path(payload["saved_model"])
+    # Reload instead of saving the searched model: it was cast to the search dtype, which would lose precision.
+    fresh = AutoModelForImageClassification.from_pretrained(model_name, tome_config=table_config)
+    fresh.save_pretrained(save_dir)
+    AutoImageProcessor.from_pretrained(model_name).save_pretrained(save_dir)
+    if options.in_place:
+        config_path = Path(model_name) / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"--in-place needs a local model folder: {model_name!r} has no config.json")
+        data = json.loads(config_path.read_text())
+        data["tome"] = table_config.to_dict()
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        payload["updated_in_place"] = str(config_path)
+    (out / "search.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    plot_search(payload, out / "search.png")
+    print(format_rows(payload))
+    print(f"search: {payload['search_seconds']:.0f} s searching, {payload['total_seconds']:.0f} s in all; wrote "
+          f"{out / 'search.json'}, {out / 'search.png'} and the model with its budget table in {save_dir}")
+
+
+def format_rows(payload: dict) -> str:
+    """Markdown table of the budget table and the ToMe baseline."""
+    lines = ["| setting | GMACs | fraction | val. accuracy | merge match | tokens leaving each layer |",
+             "|---|---|---|---|---|---|"]
+    for row in payload["rows"]:
+        name = "full" if row["fraction"] >= 0.999 else f"searched @{row.get('target')}"
+        lines.append(f"| {name} | {row['gflops']:.3f} | {row['fraction']:.3f} | {100 * row['accuracy']:.2f}% | "
+                     f"{row.get('merge_match', 'class_attention')} | {row['merge_kept']} |")
+    for row in payload["tome_baseline"]:
+        lines.append(f"| ToMe r={row['r']} | {row['gflops']:.3f} | {row['fraction']:.3f} | "
+                     f"{100 * row['accuracy']:.2f}% | bipartite | |")
+    return "\n".join(lines)
+
+
+def plot_search(payload: dict, path: Path) -> None:
+    """Accuracy against GMACs: the searched rows against constant-r ToMe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    rows = payload["rows"]
+    axis.plot([r["gflops"] for r in rows], [100 * r["accuracy"] for r in rows], "o-",
+              label=f"prune + merge, {payload['method']} search")
+    if payload["tome_baseline"]:
+        tome = sorted(payload["tome_baseline"], key=lambda r: r["gflops"])
+        axis.plot([r["gflops"] for r in tome], [100 * r["accuracy"] for r in tome], "s--", label="ToMe, constant r")
+        for row in tome:
+            axis.annotate(f"r={row['r']}", (row["gflops"], 100 * row["accuracy"]), textcoords="offset points",
+                          xytext=(4, -10), fontsize=8)
+    axis.set_xlabel("GMACs per image")
+    axis.set_ylabel("validation accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    axis.set_title(f"{Path(payload['model']).name}: budget table", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def options_from_args(args: argparse.Namespace) -> SearchOptions:
+    """``SearchOptions`` from parsed ``add_search_arguments`` arguments."""
+    values = vars(args).copy()
+    values["baseline"] = not values.pop("no_baseline")
+    return SearchOptions(**{key: values[key] for key in SearchOptions.__dataclass_fields__ if key in values})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hf_tome.budgets.search`` / ``accelerate launch -m hf_tome.budgets.search``."""
+    parser = argparse.ArgumentParser(prog="hf_tome.budgets.search", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
+    add_search_arguments(parser)
+    run_search(options_from_args(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Reduction plans: what the encoder loop does in each layer, as plain values (no transformers).
+
+A plan is derived from a ``ToMeConfig`` for one model (``hf_tome.build_plan``) and handed to the forward; the
+layers read their per-layer settings from it (``ReductionPlan.kept_for_layer``).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SoftKept:
+    """Relaxed kept counts of one layer (differentiable rate search), indexed by class-attention rank.
+
+    keep: [N] probability that the token of rank j stays itself, P(merge_kept > j).
+    prune: [N] probability that it survives pruning, P(prune_kept > j); ``prune - keep`` of it is merged.
+    slots: merged tokens go to their most similar token among the top ``slots`` ranks.
+    """
+
+    keep: torch.Tensor
+    prune: torch.Tensor
+    slots: int
+
+
+@dataclass(frozen=True)
+class HardKept:
+    """Kept counts of one layer: prune to ``prune_kept`` by class attention, then merge down to ``merge_kept``.
+
+    ``merge_match="class_attention"`` (the spec's rule) merges the tokens ranked between ``merge_kept`` and
+    ``prune_kept`` into their most similar higher-ranked token; ``"bipartite"`` merges the survivors of pruning by
+    ToMe's bipartite soft matching instead (the most similar pairs go first), which suits models whose head
+    averages the tokens, where class attention says little about which tokens are redundant.
+    """
+
+    prune_kept: int
+    merge_kept: int
+    merge_match: str = "class_attention"
+
+
+LayerKept = HardKept | SoftKept
+"""What :func:`run_layers` hands a layer as ``tome_kept``: a :class:`HardKept` or a :class:`SoftKept`."""
+
+
+@dataclass
+class ReductionPlan:
+    """What the encoder loop does in each layer; derived from a ``ToMeConfig`` by ``hf_tome.apply``.
+
+    ``layer_r`` drives ToMe merging. ``prune_kept``/``merge_kept`` (unified compression, one count per layer)
+    or ``soft_kept`` (the differentiable search) switch a layer to prune-then-merge by class attention; the
+    first layer is never compressed. Adapters that support them accept a ``tome_kept`` keyword (see
+    :func:`run_layers`); adapters that do not are never handed one.
+    """
+
+    layer_r: list[int]
+    protected: int
+    prop_attn: bool = True
+    trace_source: bool = False
+    prune_kept: list[int] | None = None
+    merge_kept: list[int] | None = None
+    soft_kept: list[SoftKept | None] | None = None
+    merge_match: str = "class_attention"
+
+    def kept_for_layer(self, index: int) -> LayerKept | None:
+        """The ``tome_kept`` argument of layer ``index`` (None: plain ToMe with ``layer_r[index]``)."""
+        if index == 0:  # block 0 is never compressed
+            return None
+        if self.soft_kept is not None:
+            return self.soft_kept[index]
+        if self.prune_kept is not None:
+            return HardKept(self.prune_kept[index], self.merge_kept[index], self.merge_match)
+        return None
+
+

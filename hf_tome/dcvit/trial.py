@@ -1,0 +1,161 @@
+"""DC-ViT's steps on a loaded model: unit importance, block trial, progressive compression with a resumable state.
+
+The orchestration (data, options, saving) is in :mod:`hf_tome.dcvit.compress`;
+the fine-tuning in :mod:`hf_tome.dcvit.mimic`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_tome.dcvit.blocks import compress_layer, encoder_layers, mlp_width, record_compression, unit_importance
+from hf_tome.dcvit.mimic import class_log_probs, feature_mse, finetune_mimic, prediction_divergence
+
+STATE_FILE = "progress.json"
+STATE_MODEL = "model"
+
+
+@torch.inference_mode()
+def activation_importance(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
+    """Per block, importance of every MLP hidden unit: mean |activation| on the images x norm of its output weights."""
+    layers = encoder_layers(model)
+    sums = [torch.zeros(mlp_width(layer)) for layer in layers]
+    count = 0
+
+    def hook(index: int):
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            sums[index].add_(inputs[0].detach().float().abs().flatten(0, -2).sum(0).cpu())
+        return record
+
+    handles = [layer.mlp.fc2.register_forward_pre_hook(hook(index)) for index, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        for start in range(0, len(pixel_values), batch_size):
+            batch = pixel_values[start:start + batch_size].to(device)
+            count += batch.shape[0]
+            tokens = model.base_model(pixel_values=batch).last_hidden_state.shape[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [unit_importance(layer, total / (count * tokens)) for layer, total in zip(layers, sums, strict=True)]
+
+
+@dataclass
+class CompressionState:
+    """What survives an interruption: trial scores, the chosen blocks and their widths, and which are done."""
+
+    method: str
+    target: float
+    trial_scores: dict[str, float] = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)
+    widths: dict[str, int] = field(default_factory=dict)
+    done: list[int] = field(default_factory=list)
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    feature_mse: dict[str, float] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> CompressionState | None:
+        path = folder / STATE_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def save_state(student: nn.Module, state: CompressionState, accelerator: Accelerator, state_dir: Path) -> None:
+    """Save the student and the progress from the main process, with every process in step."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(student).save_pretrained(state_dir / STATE_MODEL)
+        state.save(state_dir)
+    accelerator.wait_for_everyone()
+
+
+def trial_blocks(
+    original: nn.Module,
+    candidates: list[int],
+    kept_units: int,
+    pixel_values: torch.Tensor,
+    teacher_tokens: torch.Tensor,
+    accelerator: Accelerator,
+    score: Callable[[nn.Module], float],
+    importance: list[torch.Tensor] | None = None,
+    epochs: float = 0.25,
+    batch_size: int = 16,
+    lr: float = 3e-5,
+) -> dict[int, float]:
+    """Compress each candidate block alone, fine-tune briefly, and score it (lower: safer to compress)."""
+    scores = {}
+    for block in tqdm(candidates, desc="block trial", disable=not accelerator.is_local_main_process):
+        student = copy.deepcopy(original)
+        compress_layer(encoder_layers(student)[block], kept_units, importance[block] if importance else None)
+        finetune_mimic(student, pixel_values, teacher_tokens, [block], accelerator, epochs=epochs,
+                       batch_size=batch_size, lr=lr, description=f"trial block {block}")
+        scores[block] = score(student)
+        del student
+    return scores
+
+
+def progressive_compress(
+    student: nn.Module,
+    state: CompressionState,
+    pixel_values: torch.Tensor,
+    teacher_tokens: torch.Tensor,
+    accelerator: Accelerator,
+    state_dir: Path,
+    importance: list[torch.Tensor] | None = None,
+    epochs: float = 2.0,
+    batch_size: int = 16,
+    lr: float = 3e-5,
+) -> nn.Module:
+    """Compress ``state.order``'s blocks one at a time, fine-tuning after each; saves the state after each block.
+
+    Blocks already in ``state.done`` (a resumed run whose ``student`` was loaded from the state) are skipped.
+    """
+    layers = encoder_layers(student)
+    for block in state.order:
+        if block in state.done:
+            continue
+        compress_layer(layers[block], state.widths[str(block)], importance[block] if importance else None)
+        record_compression(student, method=state.method, target=state.target)
+        state.feature_mse[f"{block} before fine-tuning"] = feature_mse(student, pixel_values, teacher_tokens,
+                                                                      accelerator=accelerator)
+        losses = finetune_mimic(student, pixel_values, teacher_tokens, [*state.done, block], accelerator,
+                                epochs=epochs, batch_size=batch_size, lr=lr, description=f"block {block}")
+        state.done.append(block)
+        state.losses[str(block)] = losses
+        state.feature_mse[f"{block} after fine-tuning"] = feature_mse(student, pixel_values, teacher_tokens,
+                                                                     accelerator=accelerator)
+        save_state(student, state, accelerator, state_dir)
+    return student
+
+
+def final_finetune(student: nn.Module, state: CompressionState, pixel_values: torch.Tensor,
+                   teacher_tokens: torch.Tensor, accelerator: Accelerator, state_dir: Path, epochs: float,
+                   batch_size: int = 16, lr: float = 3e-5) -> nn.Module:
+    """Once every block is compressed, ``epochs`` more of feature mimicking (once: a resumed run skips it)."""
+    if epochs <= 0 or "final" in state.losses:
+        return student
+    state.losses["final"] = finetune_mimic(student, pixel_values, teacher_tokens, state.done, accelerator,
+                                           epochs=epochs, batch_size=batch_size, lr=lr, description="final")
+    state.feature_mse["final"] = feature_mse(student, pixel_values, teacher_tokens, accelerator=accelerator)
+    save_state(student, state, accelerator, state_dir)
+    return student
+
+
+def divergence_scorer(original: nn.Module, metric_pixels: torch.Tensor,
+                      accelerator: Accelerator) -> Callable[[nn.Module], float]:
+    """Block-trial score: KL divergence of a student's class predictions from ``original``'s on the metric set."""
+    reference = class_log_probs(original, metric_pixels, accelerator=accelerator)
+    return lambda student: prediction_divergence(student, metric_pixels, reference, accelerator=accelerator)
