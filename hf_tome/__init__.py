@@ -82,7 +82,7 @@ _plain_transformers.install()
 # What the registry imports on its first look-up: every model family (one module each under hf_tome.adapters)
 # and DC-ViT's slim blocks, which the loader rebuilds and the plans and MACs account for (a structure hook).
 # Named here, at the top, because they sit above the registry; importing them now would import transformers.
-_registry.set_builtin_plugins(("hf_tome.adapters", "hf_tome.dcvit.blocks"))
+_registry.set_builtin_plugins(("hf_tome.adapters", "hf_tome.dcvit.hook"))
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 import hf_tome
-from hf_tome.cli.bench import constant_r_for_reductions
+from hf_tome.integration.flops import constant_r_for_reductions
 
 DEFAULT_BUDGET_SPECS = ("full=r:0", "half=macs:0.5")
 

@@ -13,10 +13,11 @@ from conftest import make_model
 from PIL import Image
 
 import hf_tome
-from hf_tome.cli.bench import constant_r_for_reductions, format_table, run_sweep
+from hf_tome.cli.bench import format_table, run_sweep
 from hf_tome.cli.main import main as cli_main
 from hf_tome.evaluation.classification import evaluate_classifier, fit_linear_head, resolve_dtype
 from hf_tome.evaluation.dense import patch_features, saliency_fidelity
+from hf_tome.integration.flops import constant_r_for_reductions
 
 
 def _image_dataset(count: int = 12, size: int = 32) -> datasets.Dataset:

@@ -17,7 +17,13 @@ from transformers.utils.output_capturing import capture_outputs
 from hf_tome.core.macs import EncoderShape
 from hf_tome.core.plan import ReductionPlan
 from hf_tome.core.reduce import weighted_token_mean
-from hf_tome.integration.encoder import KeyMetricAttentionMixin, PreNormReduceLayerMixin, TokenMergeOutput, run_layers
+from hf_tome.integration.encoder import (
+    KeyMetricAttentionMixin,
+    PreNormReduceLayerMixin,
+    TokenMergeOutput,
+    plan_for_call,
+    run_layers,
+)
 from hf_tome.integration.mixin import ToMeModelMixin
 from hf_tome.integration.registry import Adapter, register_adapter
 
@@ -42,8 +48,8 @@ class _Dinov2EncoderMixin:
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Unpack[TransformersKwargs]) -> TokenMergeOutput:
-        hidden, size, positions, source = run_layers(self.layer, hidden_states, self._tome_plan, attention_mask,
-                                                     **kwargs)
+        hidden, size, positions, source = run_layers(self.layer, hidden_states, plan_for_call(self, kwargs),
+                                                     attention_mask, **kwargs)
         return TokenMergeOutput(last_hidden_state=hidden, token_sizes=size, token_positions=positions,
                                 token_source=source)
 

@@ -42,9 +42,11 @@ from transformers.utils.output_capturing import capture_outputs
 
 from hf_tome.config import ToMeConfig
 from hf_tome.core.macs import ComputeReport, EncoderShape
-from hf_tome.core.ops import Matching, bipartite_soft_matching, unmerge
+from hf_tome.core.ops import unmerge
 from hf_tome.core.plan import ReductionPlan
 from hf_tome.core.schedule import clamp_r, merge_schedule
+from hf_tome.core.windows import group_members, match_windows, merged_window_bias
+from hf_tome.integration.encoder import plan_for_call
 from hf_tome.integration.mixin import ToMeModelMixin
 from hf_tome.integration.registry import Adapter, register_adapter
 
@@ -55,13 +57,17 @@ BIAS_RULES = ("logsumexp", "representative")
 _EXTRA_KEYS = (STAGE_R_KEY, MERGE_MLP_KEY, BIAS_KEY)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SwinReductionPlan(ReductionPlan):
     """Per-window r of every Swin layer (flattened over stages), whether the MLP runs merged too, the bias rule."""
 
     merge_mlp: bool = False
     bias_rule: str = "logsumexp"
-    depths: list[int] = field(default_factory=list)
+    depths: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "depths", tuple(self.depths))
 
     def stage_r(self) -> list[list[int]]:
         """``layer_r`` split by stage."""
@@ -89,64 +95,6 @@ def window_labels(layer: swin.SwinLayer, height: int, width: int, height_pad: in
         col_region = (cols >= width_pad - ws).long() + (cols >= width_pad - shift).long()
         labels = labels + 2 * (row_region[:, None] * 3 + col_region[None, :])[None, :, :, None]
     return swin.window_partition(labels, layer.window_size).reshape(-1, layer.window_size**2)
-
-
-def match_windows(metric: torch.Tensor, r: int, labels: torch.Tensor | None) -> Matching:
-    """Bipartite soft matching of ``r`` pairs inside every window of ``metric`` [B*nW, N, C].
-
-    ``labels`` [B*nW, N] keep differently labelled tokens apart: appending ``2 * one_hot(label)`` to the unit
-    metric turns same-label scores into ``(cos + 4) / 5 >= 0.6`` and cross-label ones into ``<= 0.2``, so the
-    shared matching op is reused unchanged. A region at least 2 tokens wide holds both even (A) and odd (B)
-    positions, so every A token finds a same-label partner; only a 1-wide padding column of an even window can
-    lack one, and its tokens then merge across only when r exceeds the same-label pairs.
-    """
-    if labels is not None:
-        unit = nn.functional.normalize(metric.float(), dim=-1)
-        one_hot = nn.functional.one_hot(labels, num_classes=18).to(unit.dtype)
-        metric = torch.cat([unit, 2.0 * one_hot], dim=-1)
-    return bipartite_soft_matching(metric, r, protected=0)
-
-
-def group_members(matching: Matching, num_tokens: int) -> torch.Tensor:
-    """One original window position [B*nW, M] per merged token: the unmerged A token, or the B token absorbing."""
-    set_b = torch.arange(1, num_tokens, 2, device=matching.unmerged_a.device).expand(matching.unmerged_a.shape[0], -1)
-    return torch.cat([2 * matching.unmerged_a[..., 0], set_b], dim=1)  # layout of Matching.merge, nothing protected
-
-
-def merged_window_bias(positions: torch.Tensor, members: torch.Tensor, position_bias: torch.Tensor,
-                       size: torch.Tensor, shift_mask: torch.Tensor | None, prop_attn: bool,
-                       rule: str = "logsumexp") -> torch.Tensor:
-    """Additive attention bias [B*nW, H, M, M] on merged tokens (see the module docstring for both rules).
-
-    positions: [B*nW, N] merged token holding each window position; members: [B*nW, M] from
-    :func:`group_members`; position_bias: [H, N, N] relative position bias of the full window; size: [B*nW, M, 1]
-    group sizes; shift_mask: [nW, N, N] Swin's shift mask, or None.
-    """
-    heads, num_tokens, _ = position_bias.shape
-    windows, merged = size.shape[0], size.shape[1]
-    pair = members[:, :, None] * num_tokens + members[:, None, :]  # [B*nW, M, M] flat (query, key) index
-    log_size = size.log().view(windows, 1, 1, merged)
-    if rule == "representative":
-        bias = position_bias.reshape(heads, -1)[:, pair].transpose(0, 1)
-        bias = bias + log_size if prop_attn else bias.contiguous()
-    else:
-        # Query side: a merged query is the mean of its members, so its logit row is the mean of theirs.
-        query_index = positions[:, None, :, None].expand(-1, heads, -1, num_tokens)
-        rows = position_bias.new_zeros(windows, heads, merged, num_tokens).scatter_add(
-            2, query_index, position_bias.expand(windows, -1, -1, -1))
-        rows = rows / size.view(windows, 1, merged, 1)
-        # Key side: logsumexp over each key group (what identical member keys add up to), stabilised per row.
-        row_max = rows.detach().amax(dim=-1, keepdim=True)
-        key_index = positions[:, None, None, :].expand(-1, heads, merged, -1)
-        key_sum = rows.new_zeros(windows, heads, merged, merged).scatter_add(3, key_index, (rows - row_max).exp())
-        bias = key_sum.log() + row_max
-        if not prop_attn:
-            bias = bias - log_size
-    if shift_mask is not None:
-        # Windows are batch-major, so window w uses mask w % nW; a group lies in one region, any member will do.
-        window = torch.arange(windows, device=positions.device) % shift_mask.shape[0]
-        bias = bias + shift_mask.reshape(-1)[window[:, None, None] * num_tokens**2 + pair][:, None]
-    return bias
 
 
 # Patched modules.
@@ -272,7 +220,7 @@ class ToMeSwinEncoder(swin.SwinEncoder):
         if output_hidden_states:
             batch, _, channels = hidden_states.shape
             all_reshaped = (hidden_states.view(batch, *input_dimensions, channels).permute(0, 3, 1, 2).contiguous(),)
-        plan = self._tome_plan
+        plan = plan_for_call(self, kwargs, SwinReductionPlan)
         for stage, stage_r in zip(self.layers, plan.stage_r(), strict=True):
             hidden_states, reshaped, _ = stage(
                 hidden_states, input_dimensions, always_partition=always_partition,
@@ -359,7 +307,8 @@ class SwinComputeReport(ComputeReport):
         return super().total_macs + sum(self.downsample_macs)
 
 
-def swin_compute_report(model: nn.Module, image_size: tuple[int, int] | None = None) -> SwinComputeReport:
+def swin_compute_report(model: nn.Module, image_size: tuple[int, int] | None = None,
+                        plan: SwinReductionPlan | None = None) -> SwinComputeReport:
     """MACs per image of a (patched or stock) Swin model at ``image_size`` (height, width), default the config's.
 
     Window attention with N tokens per window (after merging), C channels: ``4*N*C^2 + 2*N^2*C`` per window over
@@ -367,7 +316,6 @@ def swin_compute_report(model: nn.Module, image_size: tuple[int, int] | None = N
     window of N0 tokens when r > 0; patch merging ``(H/2)*(W/2)*4C*2C``; embedding and classifier as in ViT.
     """
     config = model.config
-    plan = getattr(_loop_module(model), "_tome_plan", None)
     stages = _stage_windows(config, image_size)
     layer_r = plan.layer_r if plan is not None else [0] * sum(config.depths)
     merge_mlp = plan.merge_mlp if plan is not None else False

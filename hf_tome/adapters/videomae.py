@@ -23,7 +23,7 @@ from transformers.utils.output_capturing import capture_outputs
 from hf_tome.core.macs import EncoderShape
 from hf_tome.core.plan import ReductionPlan
 from hf_tome.core.reduce import proportional_attention_mask, reduce_tokens, weighted_token_mean
-from hf_tome.integration.encoder import TokenMergeOutput, run_layers
+from hf_tome.integration.encoder import TokenMergeOutput, plan_for_call, run_layers
 from hf_tome.integration.mixin import ToMeModelMixin
 from hf_tome.integration.registry import Adapter, register_adapter
 
@@ -95,8 +95,8 @@ class ToMeVideoMAEModel(ToMeModelMixin, videomae.VideoMAEModel):
                 **kwargs: Unpack[TransformersKwargs]) -> TokenMergeOutput:
         embedding_output = self.embeddings(pixel_values=pixel_values, bool_masked_pos=bool_masked_pos)
         # VideoMAE takes no attention mask: the only mask is the proportional-attention bias made per layer.
-        hidden, size, positions, source = run_layers(self.encoder.layer, embedding_output, self._tome_plan, None,
-                                                     **kwargs)
+        hidden, size, positions, source = run_layers(self.encoder.layer, embedding_output,
+                                                     plan_for_call(self, kwargs), None, **kwargs)
         if self.layernorm is not None:
             hidden = self.layernorm(hidden)
         return TokenMergeOutput(last_hidden_state=hidden, token_sizes=size, token_positions=positions,

@@ -34,7 +34,7 @@ from transformers.utils.output_capturing import capture_outputs
 from hf_tome.core.macs import EncoderShape
 from hf_tome.core.plan import ReductionPlan
 from hf_tome.core.reduce import proportional_attention_mask, reduce_tokens
-from hf_tome.integration.encoder import run_layers
+from hf_tome.integration.encoder import plan_for_call, run_layers
 from hf_tome.integration.mixin import ToMeModelMixin
 from hf_tome.integration.registry import Adapter, register_adapter
 from hf_tome.integration.stock_calls import CACHE_ARGUMENTS, named_parameters, stock_arguments, with_stock_signature
@@ -162,7 +162,7 @@ class ToMeWhisperEncoder(ToMeModelMixin, whisper.WhisperEncoder):
         all_positions = torch.arange(self.embed_positions.num_embeddings, device=embeds.device)
         hidden_states = embeds + self.embed_positions(all_positions)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
-        layers, plan = list(self.layers), self._tome_plan
+        layers, plan = list(self.layers), plan_for_call(self, kwargs)
         if self.training and self.layerdrop > 0.0:
             # LayerDrop skips whole layers; their share of the schedule is skipped with them.
             kept = [i for i in range(len(layers)) if not torch.rand([]) < self.layerdrop]
@@ -208,6 +208,7 @@ class ToMeWhisperModel(ToMeModelMixin, whisper.WhisperModel):
     def forward(self, *args, **kwargs) -> WhisperMergeModelOutput:
         named = stock_arguments(whisper.WhisperModel.forward, self, args, kwargs)
         extra = {name: named.pop(name) for name in list(named) if name not in _MODEL_PARAMETERS}
+        plan = plan_for_call(self.encoder, extra)  # a tome_plan= keyword goes to the encoder only
         encoder_outputs = named.get("encoder_outputs")
         if encoder_outputs is None:
             features = self._mask_input_features(named.get("input_features"),
@@ -215,9 +216,9 @@ class ToMeWhisperModel(ToMeModelMixin, whisper.WhisperModel):
             # A cache under an older name (``past_key_values``) is the decoder's: the stock forward's deprecation
             # wrapper renames it on the way there, and the encoder takes none.
             encoder_kwargs = {name: value for name, value in extra.items() if name not in CACHE_ARGUMENTS}
-            encoder_outputs = named["encoder_outputs"] = self.encoder(features, **encoder_kwargs)
+            encoder_outputs = named["encoder_outputs"] = self.encoder(features, tome_plan=plan, **encoder_kwargs)
         sizes = getattr(encoder_outputs, "token_sizes", None)  # a plain tuple carries none: nothing merged
-        bias = cross_attention_bias(encoder_outputs, getattr(self.encoder, "_tome_plan", None))
+        bias = cross_attention_bias(encoder_outputs, plan)
         if bias is not None:
             extra["encoder_attention_bias"] = bias
         output = super().forward(**named, **extra)
@@ -237,7 +238,7 @@ class ToMeWhisperForConditionalGeneration(ToMeModelMixin, whisper.WhisperForCond
 
         Token timestamps align cross-attention columns with 20 ms frames, which merged tokens no longer are.
         """
-        plan = getattr(self.model.encoder, "_tome_plan", None)
+        plan = kwargs.get("tome_plan") or getattr(self.model.encoder, "_tome_plan", None)
         if kwargs.get("return_token_timestamps") and plan is not None and any(plan.layer_r):
             raise ValueError("hf_tome: return_token_timestamps needs one encoder token per frame; expected r=0 "
                              "(or hf_tome.remove(model)) when asking for token timestamps")

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from hf_tome.budgets.search_eval import CachedEvaluator
 from hf_tome.budgets.search_space import Candidate, SearchSpace
 from hf_tome.core.plan import ReductionPlan, SoftKept
-from hf_tome.integration.registry import find_adapter
 
 
 class RateDistributions(nn.Module):
@@ -116,8 +115,6 @@ def diffrate_search(evaluator: CachedEvaluator, space: SearchSpace, target_gmacs
     frozen = [parameter for parameter in model.parameters() if parameter.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
-    loop = find_adapter(model).loop_module(model)
-    previous_plan = loop._tome_plan
     indices = evaluator.local_indices(images)
     evaluator.cache(indices)
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
@@ -133,9 +130,9 @@ def diffrate_search(evaluator: CachedEvaluator, space: SearchSpace, target_gmacs
                 hidden = hidden.clone()  # cached under inference_mode: autograd needs a normal tensor
                 soft, expected = rates()
                 # prop_attn on: the relaxed weights act through log(size) in the attention logits.
-                loop._tome_plan = ReductionPlan(layer_r=[0] * space.num_layers, protected=space.shape.protected,
-                                                prop_attn=True, soft_kept=soft)
-                logits = evaluator.logits_from_block0(replay, hidden).float()
+                plan = ReductionPlan(layer_r=[0] * space.num_layers, protected=space.shape.protected,
+                                     prop_attn=True, soft_kept=soft)
+                logits = evaluator.logits_from_block0(replay, hidden, plan).float()
                 task = nn.functional.cross_entropy(logits, labels)
                 loss = task + flops_weight * ((expected - target_gmacs) / full) ** 2
                 optimizer.zero_grad()
@@ -148,7 +145,6 @@ def diffrate_search(evaluator: CachedEvaluator, space: SearchSpace, target_gmacs
                 log.append({"step": step, "task_loss": task_value, "expected_gmacs": gmacs_value})
                 progress.set_postfix(loss=f"{task_value:.3f}", gmacs=f"{gmacs_value:.3f}")
     finally:
-        loop._tome_plan = previous_plan
         for parameter in frozen:
             parameter.requires_grad_(True)
     return rates.hard_candidate(target_gmacs), log

@@ -29,6 +29,8 @@ from hf_tome.budgets.options import SearchOptions, add_search_arguments
 from hf_tome.budgets.search_space import Candidate, SearchSpace, sample_candidates
 from hf_tome.config import ToMeConfig
 from hf_tome.core.cli_help import DefaultsHelpFormatter
+from hf_tome.core.macs import encoder_report, nearest_r
+from hf_tome.core.schedule import tokens_per_layer
 from hf_tome.integration.budget_table import FULL_GFLOPS_KEY, IMAGE_SIZE_KEY, budget_in_gflops
 
 
@@ -166,16 +168,14 @@ def staged_random_search(evaluator, candidates: list[Candidate], stage_images: l
 
 def constant_r_bracket(space: SearchSpace, target_gmacs: float) -> list[int]:
     """Constant ToMe r values just above and just below ``target_gmacs`` (fewest MACs >= and most MACs <=)."""
-    from hf_tome.core.schedule import tokens_per_layer
-    from hf_tome.integration.flops import encoder_report
 
     def gmacs(r: int) -> float:
         counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
         return encoder_report(space.shape, counts[1:]).gmacs
 
-    above = [r for r in range(space.num_tokens) if gmacs(r) >= target_gmacs]
-    below = [r for r in range(space.num_tokens) if gmacs(r) <= target_gmacs]
-    return sorted({max(above, default=0), min(below, default=max(above, default=0))})
+    above = nearest_r(gmacs, target_gmacs, space.num_tokens - 1, side="at_least") or 0
+    below = nearest_r(gmacs, target_gmacs, space.num_tokens - 1, side="at_most")
+    return sorted({above, above if below is None else below})
 
 
 def _load(options: SearchOptions, accelerator):

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_tome.config import ToMeConfig
+from hf_tome.core.plan import ReductionPlan
 from hf_tome.evaluation.classification import pixel_batches
 from hf_tome.integration.patch import build_plan
 from hf_tome.integration.registry import find_adapter
@@ -104,7 +105,7 @@ class CachedEvaluator:
                     pixels = pixels.to(device=self.device, dtype=self.dtype)
                     self.pixel_shape = tuple(pixels.shape[1:])
                     try:
-                        self.model(pixel_values=pixels)
+                        self.model(pixel_values=pixels, tome_plan=self.plan)
                     except _StopForward:
                         pass
                     hidden = captured.pop()
@@ -135,20 +136,22 @@ class CachedEvaluator:
         finally:
             layers[0] = original
 
-    def logits_from_block0(self, replay: _ReplayBlock, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the model run from cached block-0 outputs ``hidden`` (inside :meth:`replaying`)."""
+    def logits_from_block0(self, replay: _ReplayBlock, hidden: torch.Tensor,
+                           plan: ReductionPlan | None = None) -> torch.Tensor:
+        """Logits of the model run from cached block-0 outputs ``hidden`` (inside :meth:`replaying`), under ``plan``
+        (default: the one :meth:`set_kept` built)."""
         replay.hidden = hidden
         # Block 0's output is replayed, so the pixels only need the right shape (embedding them is cheap).
         pixels = torch.zeros(hidden.shape[0], *self.pixel_shape, device=self.device, dtype=self.dtype)
-        return self.model(pixel_values=pixels).logits
+        return self.model(pixel_values=pixels, tome_plan=plan or self.plan).logits
 
     def set_kept(self, prune_kept: Sequence[int] | None, merge_kept: Sequence[int] | None, r: int = 0,
                  merge_match: str = "class_attention") -> None:
-        """Switch the model to a configuration without re-patching (the plan is all that changes)."""
+        """Run the next forward passes with this configuration: its plan, built once and handed to each forward."""
         config = self.base_config.replace(r=r, budget=None, budget_table=None, merge_match=merge_match,
                                           prune_kept=list(prune_kept) if prune_kept is not None else None,
                                           merge_kept=list(merge_kept) if merge_kept is not None else None)
-        find_adapter(self.model).loop_module(self.model)._tome_plan = build_plan(self.model, config)
+        self.plan = build_plan(self.model, config)
 
     def evaluate(self, configs: Sequence[tuple], count: int,
                  description: str = "candidates", fidelity: bool = False) -> torch.Tensor:
@@ -234,7 +237,7 @@ class CachedEvaluator:
                     pixels = torch.stack([self._pixels[index] for index in chunk])
                     labels = torch.tensor([self._labels[index] for index in chunk], device=self.device)
                     begin = time.perf_counter()
-                    logits = self.model(pixel_values=pixels).logits
+                    logits = self.model(pixel_values=pixels, tome_plan=self.plan).logits
                     seconds += time.perf_counter() - begin
                     totals[number] += _scores(logits, labels)
                 if timings is not None:

@@ -19,8 +19,8 @@ from hf_tome.config import ToMeConfig
 from hf_tome.evaluation.classification import evaluate_classifier, preprocess_all, resolve_dtype
 from hf_tome.evaluation.datasets import load_eval_dataset
 from hf_tome.evaluation.reporting import machine_info, write_json
-from hf_tome.integration.flops import compute_report
-from hf_tome.integration.patch import apply, is_patched, remove
+from hf_tome.integration.flops import compute_report, constant_r_for_reductions
+from hf_tome.integration.patch import apply, remove
 
 DEFAULT_MACS_REDUCTIONS = (1.5, 2.0)
 MAX_CACHED_IMAGES = 20_000  # above this the sweep preprocesses each setting's images on the fly
@@ -39,38 +39,6 @@ class BenchRow:
     speedup: float = 1.0
     accuracy_drop_points: float = 0.0
     tokens_per_layer: list[int] = field(default_factory=list)
-
-
-def constant_r_for_reductions(model: nn.Module, reductions: Sequence[float],
-                              image_size: tuple[int, int] | None = None) -> dict[float, int]:
-    """For every MACs reduction factor, the smallest constant r that reaches it (e.g. ``{1.5: 9, 2.0: 14}``).
-
-    Raises ``ValueError`` naming the factor when even the largest r cannot reach it.
-    """
-    was_patched = is_patched(model)
-    previous = model.config.to_dict().get("tome") if was_patched else None
-    apply(model, ToMeConfig(r=0))
-    full = compute_report(model, image_size)
-    found: dict[float, int] = {}
-    max_r = full.tokens_in[0]
-    for target in sorted(reductions):
-        if target < 1.0:
-            raise ValueError(f"MACs reduction {target} is invalid: expected a factor >= 1.0")
-        start = max(found.values(), default=0)
-        for r in range(start, max_r + 1):
-            apply(model, ToMeConfig(r=r))
-            if full.total_macs / compute_report(model, image_size).total_macs >= target - 1e-9:
-                found[target] = r
-                break
-        else:
-            best = full.total_macs / compute_report(model, image_size).total_macs
-            raise ValueError(f"MACs reduction {target}x is out of reach with constant r for this model "
-                             f"(largest r={max_r} gives {best:.2f}x)")
-    if previous is not None:
-        apply(model, ToMeConfig.from_dict(previous))
-    else:
-        remove(model)
-    return found
 
 
 def run_sweep(model: nn.Module, dataset, image_processor, settings: dict[str, int | None], batch_size: int = 64,

@@ -10,7 +10,7 @@ build on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 
@@ -71,3 +71,19 @@ def encoder_report(shape: EncoderShape, tokens_after: Sequence[int],
     ]
     return ComputeReport(tokens_in, list(tokens_after), layer_macs, shape.num_patches * shape.patch_macs_per_patch,
                          shape.head_macs)
+
+
+def nearest_r(macs_of_r: Callable[[int], float], target_macs: float, max_r: int, side: str = "at_most") -> int | None:
+    """The r of a schedule family nearest ``target_macs``, given its MACs as a function of r (non-increasing in r).
+
+    ``side="at_most"``: the smallest r in ``0..max_r`` with ``macs_of_r(r) <= target_macs`` (None when none is);
+    ``"at_least"``: the largest r with ``macs_of_r(r) >= target_macs`` (None when even r=0 is below it).
+    A relative tolerance of 1e-9 counts a target met exactly as met.
+    """
+    if side not in ("at_most", "at_least"):
+        raise ValueError(f"side={side!r} is invalid: expected 'at_most' or 'at_least'")
+    tolerance = abs(target_macs) * 1e-9
+    if side == "at_most":
+        return next((r for r in range(max_r + 1) if macs_of_r(r) <= target_macs + tolerance), None)
+    reaching = [r for r in range(max_r + 1) if macs_of_r(r) >= target_macs - tolerance]
+    return max(reaching) if reaching else None

@@ -42,9 +42,14 @@ LayerKept = HardKept | SoftKept
 """What :func:`run_layers` hands a layer as ``tome_kept``: a :class:`HardKept` or a :class:`SoftKept`."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReductionPlan:
-    """What the encoder loop does in each layer; derived from a ``ToMeConfig`` by ``hf_tome.apply``.
+    """What the encoder loop does in each layer: an immutable value, built once per configuration.
+
+    ``hf_tome.build_plan(model, config)`` derives it from a ``ToMeConfig`` and checks it against the model;
+    ``hf_tome.apply`` stores one as the model's default, and any forward can run another without re-patching:
+    ``model(pixel_values, tome_plan=plan)`` (so one model serves several budgets, from several threads too).
+    Lists given to the constructor are stored as tuples.
 
     ``layer_r`` drives ToMe merging. ``prune_kept``/``merge_kept`` (unified compression, one count per layer)
     or ``soft_kept`` (the differentiable search) switch a layer to prune-then-merge by class attention; the
@@ -52,14 +57,24 @@ class ReductionPlan:
     :func:`run_layers`); adapters that do not are never handed one.
     """
 
-    layer_r: list[int]
+    layer_r: tuple[int, ...]
     protected: int
     prop_attn: bool = True
     trace_source: bool = False
-    prune_kept: list[int] | None = None
-    merge_kept: list[int] | None = None
-    soft_kept: list[SoftKept | None] | None = None
+    prune_kept: tuple[int, ...] | None = None
+    merge_kept: tuple[int, ...] | None = None
+    soft_kept: tuple[SoftKept | None, ...] | None = None
     merge_match: str = "class_attention"
+
+    def __post_init__(self) -> None:
+        for name in ("layer_r", "prune_kept", "merge_kept", "soft_kept"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))  # frozen: the one place a field is set after init
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_r)
 
     def kept_for_layer(self, index: int) -> LayerKept | None:
         """The ``tome_kept`` argument of layer ``index`` (None: plain ToMe with ``layer_r[index]``)."""

@@ -5,14 +5,13 @@ hidden units: ``x = x + mlp'(norm2(x))``. A block with no hidden units left is d
 architecture is stored as ``config.block_compression`` (``{"mlp_kept": {"<layer>": units}, ...}``), so
 ``hf_tome.AutoModel*.from_pretrained`` rebuilds the slim modules before the weights are loaded.
 
-This module knows the layer layouts of the ViT, DeiT and Dinov2 families and nothing of training. It registers
-itself with the loader as a structure hook (``hf_tome.integration.registry.StructureHook``), so the ToMe core
-rebuilds, plans and counts compressed blocks without importing DC-ViT.
+This module knows the layer layouts of the ViT, DeiT and Dinov2 families and nothing of training. ``hf_tome.dcvit.hook``
+registers it with the loader as a structure hook, so the ToMe core rebuilds, plans and counts compressed blocks
+without importing DC-ViT.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +21,6 @@ from transformers.models.deit import modeling_deit as deit
 from transformers.models.dinov2 import modeling_dinov2 as dinov2
 from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_reg
 from transformers.models.vit import modeling_vit as vit
-
-from hf_tome.integration.registry import StructureHook, register_structure_hook
 
 CONFIG_KEY = "block_compression"
 
@@ -181,23 +178,3 @@ def split_units(total_units: int, blocks: Sequence[int]) -> dict[int, int]:
     base, extra = divmod(total_units, len(blocks))
     return {block: base + (1 if position < extra else 0) for position, block in enumerate(blocks)}
 
-
-def _save_model_card(model: nn.Module, folder: str) -> None:
-    from hf_tome.dcvit.model_card import render_model_card  # huggingface_hub's card code, only when saving
-
-    render_model_card(model).save(os.path.join(folder, "README.md"))
-
-
-_PUSH_KEYWORDS = ("commit_message", "private", "token", "revision", "create_pr")
-
-
-def _push_with_card(model: nn.Module, repo_id: str, **kwargs: Any) -> Any:
-    from hf_tome.dcvit.model_card import push_compressed_to_hub
-
-    return push_compressed_to_hub(model, repo_id, **{key: value for key, value in kwargs.items()
-                                                     if key in _PUSH_KEYWORDS})
-
-
-# How the loader, hf_tome.build_plan and compute_report learn of compressed blocks without importing this method.
-register_structure_hook(StructureHook(config_key=CONFIG_KEY, rebuild=rebuild_from_config, slim_layers=compression_of,
-                                      save_extras=_save_model_card, push_to_hub=_push_with_card))

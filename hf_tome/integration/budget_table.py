@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from hf_tome.config import ToMeConfig
-from hf_tome.integration.flops import encoder_report
+from hf_tome.core.macs import encoder_report
 from hf_tome.integration.registry import find_adapter
 
 FULL_GFLOPS_KEY = "budget_full_gflops"

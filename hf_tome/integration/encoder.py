@@ -143,6 +143,21 @@ def run_layers(
 
 
 
+def plan_for_call(loop_module: nn.Module, kwargs: dict, plan_type: type[ReductionPlan] = ReductionPlan
+                  ) -> ReductionPlan:
+    """The plan of this forward: its ``tome_plan=`` keyword, else the model's default (set by ``hf_tome.apply``).
+
+    The keyword is taken out of ``kwargs``, so it never reaches attention functions or stock submodules.
+    """
+    plan = kwargs.pop("tome_plan", None)
+    if plan is None:
+        return loop_module._tome_plan
+    if not isinstance(plan, plan_type):
+        raise TypeError(f"tome_plan={type(plan).__name__} is invalid for {type(loop_module).__name__}: expected a "
+                        f"{plan_type.__name__} made by hf_tome.build_plan(model, config) for this model")
+    return plan
+
+
 def encode_and_pool(model: nn.Module, embedding_output: torch.Tensor, attention_mask: torch.Tensor | None,
                     pool: Callable[[torch.Tensor], torch.Tensor | None], **kwargs) -> TokenMergeOutput:
     """The body of a ViT-style base model after its embeddings: the bidirectional mask, hf_tome's encoder loop
@@ -150,8 +165,8 @@ def encode_and_pool(model: nn.Module, embedding_output: torch.Tensor, attention_
     attention_mask = create_bidirectional_mask(
         config=model.config, inputs_embeds=embedding_output, attention_mask=attention_mask
     )
-    hidden, size, positions, source = run_layers(model.layers, embedding_output, model._tome_plan, attention_mask,
-                                                 **kwargs)
+    plan = plan_for_call(model, kwargs)
+    hidden, size, positions, source = run_layers(model.layers, embedding_output, plan, attention_mask, **kwargs)
     sequence_output = model.layernorm(hidden)
     return TokenMergeOutput(last_hidden_state=sequence_output, pooler_output=pool(sequence_output),
                             token_sizes=size, token_positions=positions, token_source=source)
