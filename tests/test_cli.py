@@ -205,3 +205,22 @@ def test_public_names_load_on_first_use():
     assert hf_tome.core.schedule.__name__ == "hf_tome.core.schedule"  # submodules load on first use too
     with pytest.raises(AttributeError, match="module 'hf_tome' has no attribute 'no_such_name'"):
         hf_tome.no_such_name  # noqa: B018
+
+
+def test_a_subcommand_without_its_extra_names_the_extra(monkeypatch, capsys):
+    def missing(args):
+        import hf_tome_no_such_dependency  # noqa: F401
+
+    def missing_datasets(args):
+        raise ModuleNotFoundError("No module named 'datasets'", name="datasets")
+
+    monkeypatch.setattr(cli, "_run_search", missing_datasets)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["search"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("hf-tome search: needs the 'methods' extra (module 'datasets' is missing); "
+                                       "expected it installed: pip install 'hf-tome[methods]'\n")
+    monkeypatch.setattr(cli, "_run_bench", missing)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["bench"])
+    assert "pip install 'hf-tome[eval]'" in capsys.readouterr().err

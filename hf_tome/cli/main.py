@@ -51,7 +51,7 @@ def _add_bench(subparsers) -> None:
                         help="auto: bfloat16 where the CPU/GPU runs it natively, else float32")
     parser.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for JSON and plots")
     parser.add_argument("--no-saliency", action="store_true", help="skip the merge/unmerge saliency check")
-    parser.set_defaults(run=_run_bench)
+    parser.set_defaults(run=_run_bench, extra="eval")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -67,7 +67,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _add_build_default(subparsers) -> None:
     parser = _add_parser(subparsers, "build-default", "build (or locate) the embedded default model and print its "
                          "folder")
-    parser.set_defaults(run=_run_build_default)
+    parser.set_defaults(run=_run_build_default, extra="eval")
 
 
 def _run_build_default(args: argparse.Namespace) -> int:
@@ -80,7 +80,7 @@ def _run_build_default(args: argparse.Namespace) -> int:
 def _add_serve(subparsers) -> None:
     parser = _add_parser(subparsers, "serve", "serve a model over HTTP with LitServe (fixed token budgets)")
     add_serve_arguments(parser)
-    parser.set_defaults(run=_run_serve)
+    parser.set_defaults(run=_run_serve, extra="server")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -94,7 +94,7 @@ def _add_search(subparsers) -> None:
     parser = _add_parser(subparsers, "search", "search per-layer prune + merge rates under FLOPs targets and write "
                          "the budget table into the model's config")
     add_search_arguments(parser)
-    parser.set_defaults(run=_run_search)
+    parser.set_defaults(run=_run_search, extra="methods")
 
 
 def _run_search(args: argparse.Namespace) -> int:
@@ -108,7 +108,7 @@ def _add_compress(subparsers) -> None:
     parser = _add_parser(subparsers, "compress", "few-shot DC-ViT block compression to a MACs target (runs under "
                          "`accelerate launch -m hf_tome.dcvit.compress` too)")
     add_compress_arguments(parser)
-    parser.set_defaults(run=_run_compress)
+    parser.set_defaults(run=_run_compress, extra="methods")
 
 
 def _run_compress(args: argparse.Namespace) -> int:
@@ -141,9 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-tome`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     start = time.perf_counter()
-    status = args.run(args)
+    try:
+        status = args.run(args)
+    except ModuleNotFoundError as error:
+        # `pip install hf-tome` alone is the ToMe library; every subcommand needs one of the extras.
+        if (error.name or "").split(".")[0] in ("hf_tome", "hf_tome_server"):
+            raise
+        parser.exit(2, f"hf-tome {args.command}: needs the {args.extra!r} extra (module {error.name!r} is missing); "
+                       f"expected it installed: pip install 'hf-tome[{args.extra}]'\n")
     print(f"hf-tome {args.command}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return status
 

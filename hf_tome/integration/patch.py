@@ -24,8 +24,16 @@ def _num_layers(model: nn.Module) -> int:
     return model.config.num_hidden_layers
 
 
-def build_plan(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
-    """Per-layer reduction of ``model`` under ``config``; kept-count lists are checked against the model here."""
+def build_plan(model: nn.Module, config: ToMeConfig | None = None, **overrides: Any) -> ReductionPlan:
+    """The immutable per-layer reduction of ``model`` under ``config``, checked against the model; nothing changes.
+
+    Hand it to any forward of a patched model, ``model(pixel_values=x, tome_plan=plan)``, to run that configuration
+    for one call (the model's own plan, set by :func:`apply`, is untouched), or to
+    ``hf_tome.compute_report(model, plan=plan)`` for its MACs. ``config`` and ``**overrides`` are read as by
+    :func:`apply` (a budget selects its table row; unknown fields raise ``ValueError``).
+    """
+    model = unwrap_compiled(model)
+    config = _resolved_config(model, config, overrides)
     adapter = find_adapter(model)
     _check_extra_keys(config, adapter)
     if config.prune_kept is not None and not adapter.supports_pruning:
@@ -53,6 +61,16 @@ def build_plan(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
     return ReductionPlan(layer_r=layer_r, protected=protected, prop_attn=config.prop_attn,
                          trace_source=config.trace_source, prune_kept=prune_kept, merge_kept=merge_kept,
                          merge_match=config.merge_match)
+
+
+def _resolved_config(model: nn.Module, config: ToMeConfig | None, overrides: dict[str, Any]) -> ToMeConfig:
+    """``config`` (default ``ToMeConfig()``) with ``overrides`` applied and its budget resolved to kept counts."""
+    config = config or ToMeConfig()
+    if overrides:
+        if ({"prune_kept", "merge_kept"} & overrides.keys()) and "budget" not in overrides:
+            overrides = {**overrides, "budget": None}  # explicit kept counts replace a budget's row
+        config = config.replace(**overrides)
+    return resolve_budget(model, config)  # a budget selects its table row's kept counts
 
 
 def _check_bipartite_reach(prune_kept: list[int], merge_kept: list[int], protected: int) -> None:
@@ -114,12 +132,7 @@ def apply(model: nn.Module, config: ToMeConfig | None = None, **overrides: Any) 
     """
     compiled, model = model, unwrap_compiled(model)
     adapter = find_adapter(model)
-    config = config or ToMeConfig()
-    if overrides:
-        if ({"prune_kept", "merge_kept"} & overrides.keys()) and "budget" not in overrides:
-            overrides = {**overrides, "budget": None}  # explicit kept counts replace a budget's row
-        config = config.replace(**overrides)
-    config = resolve_budget(model, config)  # a budget selects its table row's kept counts
+    config = _resolved_config(model, config, overrides)
     plan = build_plan(model, config)  # validates against the model before anything is changed
     for module in model.modules():
         replacement = adapter.class_map.get(type(module))
