@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,22 +50,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def tome_gmacs(space, r: int) -> float:
-    from hf_tome.core.schedule import tokens_per_layer
-    from hf_tome.integration.flops import encoder_report
-
-    counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
-    return encoder_report(space.shape, counts[1:]).gmacs
-
-
 def main() -> None:
     from accelerate import Accelerator
     from transformers import AutoImageProcessor
 
     import hf_tome
-    from hf_tome.budgets.search import SearchOptions, run_search
+    from hf_tome.budgets.search import SearchOptions, constant_r_gmacs, run_search
     from hf_tome.budgets.search_eval import CachedEvaluator
     from hf_tome.budgets.search_space import SearchSpace
+    from hf_tome.core.macs import nearest_r
     from hf_tome.evaluation.assets.fashion_mnist import load_fashion_mnist
     from hf_tome.evaluation.classification import resolve_dtype
     from hf_tome.integration.registry import find_adapter
@@ -81,7 +75,8 @@ def main() -> None:
 
         default = hf_tome.AutoModelForImageClassification.from_pretrained(args.model or default_model_path())
         default_space = SearchSpace.for_shape(find_adapter(default).encoder_shape(default, (224, 224)))
-        args.targets = [tome_gmacs(default_space, r) / default_space.full_gmacs for r in args.targets_at_tome_r]
+        args.targets = [constant_r_gmacs(default_space, r) / default_space.full_gmacs
+                        for r in args.targets_at_tome_r]
     if args.model is None:
         options = SearchOptions(targets=args.targets, method=args.method, candidates=args.candidates,
                                 search_images=args.search_images, val_images=args.val_images,
@@ -113,9 +108,10 @@ def main() -> None:
         settings.append({"name": f"searched {row['fraction']:.2f}", "gflops": row["gflops"],
                          "prune_kept": row["prune_kept"], "merge_kept": row["merge_kept"],
                          "merge_match": row.get("merge_match", "class_attention"), "row": row})
-        at_least = max(r for r in range(space.num_tokens) if tome_gmacs(space, r) >= row["gflops"] - 1e-12)
+        # the constant r with the fewest MACs still >= the row's (r=0 always qualifies: rows are <= full)
+        at_least = nearest_r(partial(constant_r_gmacs, space), row["gflops"], space.num_tokens - 1, side="at_least")
         for r in (at_least, at_least + 1) if args.neighbours else (at_least,):
-            settings.append({"name": f"ToMe r={r}", "gflops": tome_gmacs(space, r), "r": r,
+            settings.append({"name": f"ToMe r={r}", "gflops": constant_r_gmacs(space, r), "r": r,
                              "paired_with": row["fraction"] if r == at_least else None})
     unique = list({s["name"]: s for s in settings}.values())
     timings: list[float] = []

@@ -30,17 +30,7 @@ from tqdm import tqdm
 import hf_tome
 from hf_tome.evaluation.assets.speech import SENTENCES, speech_dataset, word_error_rate
 from hf_tome.evaluation.assets.whisper import whisper_tiny_en_path
-
-
-def r_for_target(model: torch.nn.Module, target: float, inflect: float) -> int:
-    """Smallest r whose encoder MACs reduction (unpatched / merged) reaches ``target``."""
-    baseline = hf_tome.compute_report(hf_tome.apply(model, r=0)).total_macs
-    tokens = model.config.max_source_positions
-    for r in range(1, tokens // 2 + 1):
-        hf_tome.apply(model, r=r, inflect=inflect)
-        if baseline / hf_tome.compute_report(model).total_macs >= target:
-            return r
-    raise ValueError(f"no r reaches a {target}x encoder MACs reduction (at most r={tokens // 2} per layer)")
+from hf_tome.integration.flops import constant_r_for_macs
 
 
 def configure(model: torch.nn.Module, config: hf_tome.ToMeConfig | None) -> None:
@@ -89,7 +79,7 @@ def main() -> None:
     settings: dict[str, hf_tome.ToMeConfig | None] = {"no merging": None}
     for inflect in args.inflect:
         for target in args.targets:
-            r = r_for_target(model, target, inflect)
+            r = constant_r_for_macs(model, 1 / target, inflect=inflect)  # smallest r reaching the reduction
             name = f"r={r}" if inflect == 0 else f"r=({r},{inflect:g})"
             settings[name] = hf_tome.ToMeConfig(r=r, inflect=inflect)
 

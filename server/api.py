@@ -2,7 +2,9 @@
 
 Requests arrive already validated and in canonical form (see :mod:`hf_tome_server.guard`). A batch may mix budgets;
 ``predict`` splits it into one forward pass per budget, so requests with different budgets never share a
-forward pass and every pass has the same token count per layer for all its images.
+forward pass and every pass has the same token count per layer for all its images. Each pass runs its budget's
+reduction plan, built once at start-up, as ``model(..., tome_plan=plan)``: the model is patched once in ``setup``
+(with the default budget) and never changed per request.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ class ImageClassificationAPI(ls.LitAPI):
         self.device = torch.device(device)
         self.dtype = resolve_dtype(self.dtype_name, self.device)
         self.model = hf_tome.AutoModelForImageClassification.from_pretrained(self.model_name).eval()
-        hf_tome.remove(self.model)
         self.processor = AutoImageProcessor.from_pretrained(self.model_name)
         probe = self.processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
+        # One plan per budget, built here and only here; predict hands them to the forward.
         self.budgets: dict[str, Budget] = parse_budgets(self.model, self.budget_specs, tuple(probe.shape[-2:]))
+        # Patched once, with the default (first) budget as the model's own plan; requests never re-patch it.
+        hf_tome.apply(self.model, next(iter(self.budgets.values())).config)
         self.model.to(device=self.device, dtype=self.dtype)
         self.labels = self.model.config.id2label
 
@@ -79,11 +83,11 @@ class ImageClassificationAPI(ls.LitAPI):
                 groups.setdefault(item.budget, []).append(index)
         for budget_name, indices in groups.items():
             budget = self.budgets[budget_name]
-            hf_tome.apply(self.model, budget.config)
             pixel_values = self.processor(images=[batch[i].image for i in indices], return_tensors="pt")
             start = time.perf_counter()
             with torch.inference_mode():
-                logits = self.model(pixel_values=pixel_values["pixel_values"].to(self.device, self.dtype)).logits
+                logits = self.model(pixel_values=pixel_values["pixel_values"].to(self.device, self.dtype),
+                                    tome_plan=budget.plan).logits
             forward_ms = 1000 * (time.perf_counter() - start)
             probabilities = logits.float().softmax(-1).cpu()
             for row, index in enumerate(indices):

@@ -1,7 +1,9 @@
 """Named token budgets a server runs with: each one is a fixed per-layer token schedule.
 
 A budget fixes how many tokens every layer keeps, whatever the image, so every request of a batch has the
-same tensor shapes and the batch stays rectangular. Spec strings (``hf-tome serve --budget ...``):
+same tensor shapes and the batch stays rectangular. Each budget's reduction plan is built once, at start-up
+(``hf_tome.build_plan``), and every forward pass of that budget runs it with ``model(..., tome_plan=plan)``: the
+shared model is never re-patched per request. Spec strings (``hf-tome serve --budget ...``):
 
 - ``full=r:0``          no merging (identical to the unpatched model)
 - ``fast=r:16``         constant r; ``r:16,-1`` adds an inflection (decreasing schedule)
@@ -22,13 +24,15 @@ DEFAULT_BUDGET_SPECS = ("full=r:0", "half=macs:0.5")
 
 @dataclass
 class Budget:
-    """One named budget: the ``ToMeConfig`` it runs with and the tokens and MACs that implies per image."""
+    """One named budget: the ``ToMeConfig`` it runs with, the plan built from it once for the served model (what
+    each forward of this budget gets as ``tome_plan=``) and the tokens and MACs that plan implies per image."""
 
     name: str
     spec: str
     config: hf_tome.ToMeConfig
     tokens_per_layer: list[int]
     gmacs: float
+    plan: hf_tome.ReductionPlan
 
     def summary(self) -> dict:
         return {"name": self.name, "spec": self.spec, "r": self.config.r, "inflect": self.config.inflect,
@@ -59,7 +63,11 @@ def _config_from_spec(model: nn.Module, spec: str, image_size: tuple[int, int] |
 
 def parse_budgets(model: nn.Module, specs: list[str] | tuple[str, ...],
                   image_size: tuple[int, int] | None = None) -> dict[str, Budget]:
-    """Turn ``name=spec`` strings into budgets for ``model`` (the first one is the default)."""
+    """Turn ``name=spec`` strings into budgets for ``model`` (the first one is the default).
+
+    Every budget's plan is built here, once; its tokens and MACs are read off that plan. ``model`` is not changed
+    (patched or not, it stays as it was).
+    """
     budgets: dict[str, Budget] = {}
     for entry in specs:
         name, sep, spec = entry.partition("=")
@@ -69,10 +77,9 @@ def parse_budgets(model: nn.Module, specs: list[str] | tuple[str, ...],
         if name in budgets:
             raise ValueError(f"budget name {name!r} is given twice")
         config = _config_from_spec(model, spec, image_size)
-        hf_tome.apply(model, config)
-        report = hf_tome.compute_report(model, image_size)
-        budgets[name] = Budget(name, spec, config, list(report.tokens_in), report.gmacs)
+        plan = hf_tome.build_plan(model, config)
+        report = hf_tome.compute_report(model, image_size, plan=plan)
+        budgets[name] = Budget(name, spec, config, list(report.tokens_in), report.gmacs, plan)
     if not budgets:
         raise ValueError("no budget given: expected at least one 'name=spec'")
-    hf_tome.remove(model)
     return budgets

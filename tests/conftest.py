@@ -61,6 +61,6 @@ def tokens_seen_by(modules, run) -> list[int]:
 
 def mlp_norms(model) -> list[torch.nn.Module]:
     """The norm before the MLP of every encoder block: it sees the tokens left after the block's reduction."""
-    from hf_tome.budgets.search_eval import encoder_layers
+    from hf_tome.integration.encoder import encoder_layers
 
     return [getattr(layer, "layernorm_after", None) or layer.norm2 for layer in encoder_layers(model)]

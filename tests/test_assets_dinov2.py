@@ -12,14 +12,9 @@ import pytest
 import torch
 
 from hf_tome.evaluation.assets.cache import AssetUnavailableError
-from hf_tome.evaluation.assets.dinov2 import (
-    FOLDER_NAME,
-    SaliencyDecoder,
-    check_against_onnxruntime,
-    dinov2_small_path,
-    imgfocus_onnx_path,
-    load_saliency_decoder,
-)
+from hf_tome.evaluation.assets.dinov2 import FOLDER_NAME, dinov2_small_path, imgfocus_onnx_path
+from hf_tome.evaluation.assets.dinov2_parity import check_against_onnxruntime
+from hf_tome.evaluation.assets.saliency_decoder import SaliencyDecoder, load_saliency_decoder
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from hf_tome.evaluation.assets.cache import AssetUnavailableError
+from hf_tome.evaluation.assets.ctranslate2_file import read_ctranslate2_header, read_ctranslate2_model
 from hf_tome.evaluation.assets.speech import SENTENCES, normalize_text, speech_dataset, word_error_rate
-from hf_tome.evaluation.assets.whisper import read_ctranslate2_header, read_ctranslate2_model, whisper_tiny_en_path
+from hf_tome.evaluation.assets.whisper import whisper_tiny_en_path
 
 
 def _string(text: str) -> bytes:

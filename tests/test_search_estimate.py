@@ -9,7 +9,7 @@ import pytest
 from test_prune_merge import tiny_classifier_and_data  # noqa: F401 (a fixture)
 
 from hf_tome.budgets import search
-from hf_tome.budgets.search import estimate_search, format_duration, stage_quota
+from hf_tome.budgets.search_estimate import estimate_search, format_duration, stage_quota
 
 
 @pytest.mark.parametrize("members, keep, last, quota", [

@@ -136,15 +136,22 @@ def test_multipart_upload_gives_the_same_answer(served) -> None:
 
 
 def test_concurrent_requests_are_batched_per_budget(served) -> None:
-    url, _ = served
+    url, folder = served
     images = [_png(seed) for seed in range(16)]
     with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda i: _predict_json(url, images[i], budget=("full", "fast")[i % 2]),
+        responses = list(pool.map(lambda i: _predict_json(url, images[i], budget=("full", "fast")[i % 2], top_k=3),
                                   range(16)))
     assert all(response.status_code == 200 for response in responses)
     assert max(response.json()["batch_size"] for response in responses) > 1
     # a forward pass never mixes budgets: each one's batch holds at most the 8 requests of its budget
     assert all(response.json()["batch_size"] <= 8 for response in responses)
+    # batches mixing both budgets still answer every request as the library does with that request's budget
+    for i, response in enumerate(responses):
+        body = response.json()
+        assert body["budget"]["name"] == ("full", "fast")[i % 2]
+        labels, scores = _library_top(folder, images[i], (0, 6)[i % 2], 3)
+        assert [entry["label"] for entry in body["labels"]] == labels
+        np.testing.assert_allclose([entry["score"] for entry in body["labels"]], scores, atol=1e-5)
     metrics = requests.get(f"{url}/metrics", timeout=10).json()
     assert metrics["max_batch_size_seen"] > 1 and metrics["budget_counts"]["fast"] >= 8
 

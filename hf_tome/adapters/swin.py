@@ -28,6 +28,10 @@ Settings: ``ToMeConfig.r`` (int with ``inflect``, or a per-layer list over all `
 ``extra["swin_merge_mlp"]`` (bool) and ``extra["swin_bias"]`` ("logsumexp" or "representative").
 """
 
+# Over 300 lines on purpose: one model family is one adapter module (README, "Architecture"; adapters are found by
+# listing the folder). Swin needs more than the ViT-style families: patched attention, layer, stage, encoder and
+# models, a plan per stage's windows and its own MACs report; the family-free window maths is in core/windows.py.
+
 import math
 from dataclasses import dataclass, field
 

@@ -151,8 +151,10 @@ class ToMeWhisperEncoder(ToMeModelMixin, whisper.WhisperEncoder):
     # Same decorators as the stock forward, so hidden states and attentions are recorded per layer as usual.
     @merge_with_config_defaults
     @capture_outputs
-    def forward(self, input_features: torch.Tensor, attention_mask=None,
+    def forward(self, input_features: torch.Tensor, attention_mask=None, *, tome_plan: ReductionPlan | None = None,
                 **kwargs: Unpack[TransformersKwargs]) -> WhisperEncoderMergeOutput:
+        # ``tome_plan`` is a named parameter (not only read from **kwargs): ``generate()`` validates its model kwargs
+        # against the signatures of the model, its encoder and its decoder, and refuses a keyword none of them names.
         expected_frames = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if input_features.shape[-1] != expected_frames:
             raise ValueError(f"Whisper expects the mel input features to be of length {expected_frames}, but found "
@@ -162,7 +164,7 @@ class ToMeWhisperEncoder(ToMeModelMixin, whisper.WhisperEncoder):
         all_positions = torch.arange(self.embed_positions.num_embeddings, device=embeds.device)
         hidden_states = embeds + self.embed_positions(all_positions)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
-        layers, plan = list(self.layers), plan_for_call(self, kwargs)
+        layers, plan = list(self.layers), plan_for_call(self, {"tome_plan": tome_plan})
         if self.training and self.layerdrop > 0.0:
             # LayerDrop skips whole layers; their share of the schedule is skipped with them.
             kept = [i for i in range(len(layers)) if not torch.rand([]) < self.layerdrop]

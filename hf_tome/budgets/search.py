@@ -9,23 +9,24 @@ and plain ``hf-tome search`` runs on one CPU.
 
 Outputs in ``--out``: ``search.json`` (candidates, stages, rows, timings) and ``search.png`` (accuracy against
 GMACs, searched rows and constant-r ToMe); the model with the table in its config goes to ``--save-model``.
+This module runs the search; :mod:`hf_tome.budgets.search_estimate` says beforehand how long it will take and
+:mod:`hf_tome.budgets.search_outputs` writes what it found.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from hf_tome.budgets.options import SearchOptions, add_search_arguments
+from hf_tome.budgets.search_estimate import measure_search_estimate, stage_quota
+from hf_tome.budgets.search_outputs import write_outputs
 from hf_tome.budgets.search_space import Candidate, SearchSpace, sample_candidates
 from hf_tome.config import ToMeConfig
 from hf_tome.core.cli_help import DefaultsHelpFormatter
@@ -40,99 +41,6 @@ def _rank_key(scores: torch.Tensor, early: bool):
     if early:
         return lambda item: float(scores[item, 3])
     return lambda item: (-float(scores[item, 0]), float(scores[item, 1]))
-
-
-def stage_quota(members: int, keep: float, last: bool) -> int:
-    """How many of a bucket's ``members`` candidates survive a stage: its best one after the last stage, else
-    the best ``keep`` fraction, at least 2 (never more than there are)."""
-    return min(members, 1 if last else max(2, math.ceil(keep * members)))
-
-
-@dataclass(frozen=True)
-class SearchEstimate:
-    """The forward passes :func:`staged_random_search` will run and how long they should take.
-
-    ``stages`` holds, per stage, the candidates it evaluates, the images each one runs on (this process's share)
-    and the forward passes that takes per candidate. ``reference_passes`` are the uncompressed model's passes
-    of the stages before the last (their KL reference, once per image).
-    """
-
-    stages: tuple[tuple[int, int, int], ...]
-    reference_passes: int
-    batch_size: int
-    seconds_per_image: float
-    seconds: float
-
-    @property
-    def passes(self) -> int:
-        """Forward passes in all (candidates and references)."""
-        return sum(candidates * passes for candidates, _, passes in self.stages) + self.reference_passes
-
-    def message(self, device: str, processes: int = 1) -> str:
-        """One line for the log, e.g. ``estimated search time: ~2.8 h (15,604 forward passes ...)``."""
-        first, *rest = self.stages
-        parts = [f"{first[0]:,} candidates x {first[2]:,} pass{'es' if first[2] != 1 else ''} ({first[1]:,} images)"]
-        parts += [f"{candidates:,} x {passes:,} ({images:,} images)" for candidates, images, passes in rest]
-        if self.reference_passes:
-            parts.append(f"and {self.reference_passes:,} uncompressed reference pass"
-                         f"{'es' if self.reference_passes != 1 else ''}")
-        where = f"{device} x {processes} processes" if processes > 1 else device
-        return (f"estimated search time: {format_duration(self.seconds)} ({self.passes:,} forward passes of up to "
-                f"{self.batch_size} images on {where}: {', '.join(parts)}; "
-                f"{self.seconds_per_image * self.batch_size:.3g} s per pass of {self.batch_size} images, measured); "
-                f"use --candidates N to shorten")
-
-
-def estimate_search(bucket_sizes: Sequence[int], stage_images: Sequence[int], keep: float, batch_size: int,
-                    seconds_per_image: float) -> SearchEstimate:
-    """The passes and seconds of :func:`staged_random_search` on buckets of ``bucket_sizes`` candidates.
-
-    Stage ``k`` runs every surviving candidate on ``stage_images[k]`` images (this process's share) in passes of
-    up to ``batch_size``, then keeps :func:`stage_quota` of every bucket. The stages before the last also run
-    the uncompressed model once on the images no earlier stage referenced (the stages' images are taken to grow
-    as prefixes, as they do in one process). The seconds are the images run through the model times
-    ``seconds_per_image``, measured on the candidates (block 0 replayed); caching block 0 (one block per image,
-    once) is left out.
-    """
-    sizes, stages, reference_passes, images_run, referenced = list(bucket_sizes), [], 0, 0, 0
-    for number, images in enumerate(stage_images):
-        last = number == len(stage_images) - 1
-        evaluated = sum(sizes)
-        stages.append((evaluated, images, math.ceil(images / batch_size)))
-        images_run += evaluated * images
-        if not last and images > referenced:
-            reference_passes += math.ceil((images - referenced) / batch_size)
-            images_run += images - referenced
-            referenced = images
-        sizes = [stage_quota(size, keep, last) for size in sizes]
-    return SearchEstimate(tuple(stages), reference_passes, batch_size, seconds_per_image,
-                          images_run * seconds_per_image)
-
-
-def format_duration(seconds: float) -> str:
-    """``~45 s``, ``~12 min`` or ``~2.3 h``."""
-    if seconds < 1:
-        return "<1 s"
-    if seconds < 90:
-        return f"~{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"~{seconds / 60:.0f} min"
-    return f"~{seconds / 3600:.1f} h"
-
-
-def measure_search_estimate(evaluator, candidates: list[Candidate], stage_images: list[int],
-                            keep: float) -> SearchEstimate:
-    """:func:`estimate_search` with the seconds per image measured on this machine: one pass of a batch of the
-    search images for the first candidate of every bucket (after a warm-up pass)."""
-    buckets = Counter(candidate.target for candidate in candidates)
-    first = {}
-    for candidate in candidates:
-        first.setdefault(candidate.target, candidate)
-    seconds_per_image = evaluator.seconds_per_image([first[target].setting for target in sorted(first)],
-                                                    max(stage_images))
-    local_images = [len(evaluator.local_indices(count)) for count in stage_images]
-    return estimate_search([buckets[target] for target in sorted(buckets)], local_images, keep,
-                           evaluator.batch_size, seconds_per_image)
 
 
 def staged_random_search(evaluator, candidates: list[Candidate], stage_images: list[int], keep: float,
@@ -166,13 +74,15 @@ def staged_random_search(evaluator, candidates: list[Candidate], stage_images: l
     return survivors, accuracy, stages
 
 
+def constant_r_gmacs(space: SearchSpace, r: int) -> float:
+    """GMACs per image of constant-r ToMe (``r`` merged in every layer) in ``space``."""
+    counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
+    return encoder_report(space.shape, counts[1:]).gmacs
+
+
 def constant_r_bracket(space: SearchSpace, target_gmacs: float) -> list[int]:
     """Constant ToMe r values just above and just below ``target_gmacs`` (fewest MACs >= and most MACs <=)."""
-
-    def gmacs(r: int) -> float:
-        counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
-        return encoder_report(space.shape, counts[1:]).gmacs
-
+    gmacs = partial(constant_r_gmacs, space)
     above = nearest_r(gmacs, target_gmacs, space.num_tokens - 1, side="at_least") or 0
     below = nearest_r(gmacs, target_gmacs, space.num_tokens - 1, side="at_most")
     return sorted({above, above if below is None else below})
@@ -275,12 +185,8 @@ def run_search(options: SearchOptions) -> dict:
     if options.baseline:
         r_values = sorted({r for target in targets for r in constant_r_bracket(space, target)})
         scores = validator.evaluate_merging(r_values, options.val_images)
-        from hf_tome.core.schedule import tokens_per_layer
-        from hf_tome.integration.flops import encoder_report
-
         for number, r in enumerate(r_values):
-            counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
-            gmacs = encoder_report(space.shape, counts[1:]).gmacs
+            gmacs = constant_r_gmacs(space, r)
             baseline.append({"r": r, "gflops": gmacs, "fraction": gmacs / full,
                              "accuracy": float(scores[number, 0] / scores[number, 2])})
     table_config = base.replace(budget_table=rows, extra={**base.extra, FULL_GFLOPS_KEY: full,
@@ -293,77 +199,9 @@ def run_search(options: SearchOptions) -> dict:
     payload["saved_model"] = str(Path(options.save_model) if options.save_model else Path(options.out) / "model")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_outputs(options, model_name, table_config, payload)
+        write_outputs(options, model_name, table_config, payload)
     accelerator.wait_for_everyone()
     return payload
-
-
-def _write_outputs(options: SearchOptions, model_name: str, table_config: ToMeConfig, payload: dict) -> None:
-    from transformers import AutoImageProcessor
-
-    from hf_tome.integration.loading import AutoModelForImageClassification
-
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_dir = Path(payload["saved_model"])
-    # Reload instead of saving the searched model: it was cast to the search dtype, which would lose precision.
-    fresh = AutoModelForImageClassification.from_pretrained(model_name, tome_config=table_config)
-    fresh.save_pretrained(save_dir)
-    AutoImageProcessor.from_pretrained(model_name).save_pretrained(save_dir)
-    if options.in_place:
-        config_path = Path(model_name) / "config.json"
-        if not config_path.is_file():
-            raise ValueError(f"--in-place needs a local model folder: {model_name!r} has no config.json")
-        data = json.loads(config_path.read_text())
-        data["tome"] = table_config.to_dict()
-        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        payload["updated_in_place"] = str(config_path)
-    (out / "search.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    plot_search(payload, out / "search.png")
-    print(format_rows(payload))
-    print(f"search: {payload['search_seconds']:.0f} s searching, {payload['total_seconds']:.0f} s in all; wrote "
-          f"{out / 'search.json'}, {out / 'search.png'} and the model with its budget table in {save_dir}")
-
-
-def format_rows(payload: dict) -> str:
-    """Markdown table of the budget table and the ToMe baseline."""
-    lines = ["| setting | GMACs | fraction | val. accuracy | merge match | tokens leaving each layer |",
-             "|---|---|---|---|---|---|"]
-    for row in payload["rows"]:
-        name = "full" if row["fraction"] >= 0.999 else f"searched @{row.get('target')}"
-        lines.append(f"| {name} | {row['gflops']:.3f} | {row['fraction']:.3f} | {100 * row['accuracy']:.2f}% | "
-                     f"{row.get('merge_match', 'class_attention')} | {row['merge_kept']} |")
-    for row in payload["tome_baseline"]:
-        lines.append(f"| ToMe r={row['r']} | {row['gflops']:.3f} | {row['fraction']:.3f} | "
-                     f"{100 * row['accuracy']:.2f}% | bipartite | |")
-    return "\n".join(lines)
-
-
-def plot_search(payload: dict, path: Path) -> None:
-    """Accuracy against GMACs: the searched rows against constant-r ToMe."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    rows = payload["rows"]
-    axis.plot([r["gflops"] for r in rows], [100 * r["accuracy"] for r in rows], "o-",
-              label=f"prune + merge, {payload['method']} search")
-    if payload["tome_baseline"]:
-        tome = sorted(payload["tome_baseline"], key=lambda r: r["gflops"])
-        axis.plot([r["gflops"] for r in tome], [100 * r["accuracy"] for r in tome], "s--", label="ToMe, constant r")
-        for row in tome:
-            axis.annotate(f"r={row['r']}", (row["gflops"], 100 * row["accuracy"]), textcoords="offset points",
-                          xytext=(4, -10), fontsize=8)
-    axis.set_xlabel("GMACs per image")
-    axis.set_ylabel("validation accuracy (%)")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    axis.set_title(f"{Path(payload['model']).name}: budget table", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def options_from_args(args: argparse.Namespace) -> SearchOptions:

@@ -20,21 +20,8 @@ from tqdm.auto import tqdm
 from hf_tome.config import ToMeConfig
 from hf_tome.core.plan import ReductionPlan
 from hf_tome.evaluation.classification import pixel_batches
+from hf_tome.integration.encoder import encoder_layers
 from hf_tome.integration.patch import build_plan
-from hf_tome.integration.registry import find_adapter
-
-
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks the encoder loop of a patched ``model`` runs."""
-    loop = find_adapter(model).loop_module(model)
-    for name in ("layers", "layer"):
-        layers = getattr(loop, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    for module in loop.modules():  # other families: the block list is the ModuleList as long as the model
-        if isinstance(module, nn.ModuleList) and len(module) == model.config.num_hidden_layers:
-            return module
-    raise ValueError(f"cannot find the encoder blocks of {type(model).__name__}")
 
 
 class _StopForward(Exception):

