@@ -34,6 +34,8 @@ LAYER_EXTRAS = {
     "hf_tome/evaluation": "eval",
     "hf_tome/budgets": "methods",
     "hf_tome/dcvit": "methods",
+    "hf_tome/export": "export",
+    "hf_tome/hub": "methods",
     "server": "server",  # installed as hf_tome_server
 }
 

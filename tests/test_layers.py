@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("integration", ("hf_tome.integration",)),
     ("adapters", ("hf_tome.adapters",)),
     ("evaluation", ("hf_tome.evaluation",)),
-    ("methods", ("hf_tome.budgets", "hf_tome.dcvit")),
+    ("methods", ("hf_tome.budgets", "hf_tome.dcvit", "hf_tome.export", "hf_tome.hub")),
     ("api", ("hf_tome",)),  # the package's __init__ alone: the public names
     ("server", ("hf_tome_server",)),
     ("cli", ("hf_tome.cli",)),

@@ -1,0 +1,1 @@
+"""Sharing hf-tome models on the Hub: self-contained remote code (``auto_map``) and model cards."""
