@@ -1,14 +1,21 @@
-"""Load test of ``hf-tome serve`` on loopback: requests/s and p50/p99 latency, batching on and off.
+"""Load test of ``hf-tome serve`` on loopback, per budget: requests/s, images/s, p50/p99, against the bare forward.
 
-Starts the real server in a subprocess on 127.0.0.1 (its own process group, ended afterwards), then runs
-phases of ``--clients`` concurrent clients, each bounded by a request count and a time limit:
+Starts the real server in a subprocess on 127.0.0.1 (its own process group, ended afterwards) on ``--device``
+(auto: CUDA when torch sees a GPU) and runs phases of ``--clients`` concurrent clients, each bounded by a request
+count and a time limit:
 
-- batching off (max_batch_size 1), budget ``full`` (no merging)
-- batching on, budget ``full``
-- batching on, budget ``half`` (the constant r with at most half the MACs)
+- batching off (max_batch_size 1), the first budget (``--no-batching-off`` skips it)
+- batching on (``--max-batch-size``), each budget in turn (default ``full=r:0`` and ``half=macs:0.5``)
+
+Each request is one image, so images/s = requests/s. The same budgets' bare forward images/s at the batch size
+the server ran (benchmarks/batch_efficiency.py, run here in a process of its own before the server starts, with
+the same device, dtype and threads) give the server's share of the bare forward; the acceptance targets are
+``server >= 90%`` of the bare forward for every budget and the half-MACs budget at ``>= 1.8x`` the full one's
+requests/s. Everything is written to ``--out`` (JSON).
 
     python benchmarks/load_test.py                           # embedded default model, 64 clients
     python benchmarks/load_test.py --requests 128 --clients 16 --model path/to/model
+    python benchmarks/load_test.py --device cuda --dtype bfloat16 --max-batch-size 64
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,12 +63,11 @@ def request_payloads(count: int = 32) -> list[dict]:
 class ServerProcess:
     """``python -m hf_tome_server ...`` on a free loopback port, stopped with its whole process group."""
 
-    def __init__(self, model: str | None, max_batch_size: int, dtype: str, log_path: Path) -> None:
+    def __init__(self, model: str | None, max_batch_size: int, log_path: Path, options: list[str]) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "hf_tome_server", "--port", str(self.port),
-                   "--max-batch-size", str(max_batch_size),
-                   "--batch-timeout", "0.05", "--dtype", dtype, "--budget", "full=r:0", "--budget", "half=macs:0.5"]
+                   "--max-batch-size", str(max_batch_size), "--batch-timeout", "0.05", *options]
         if model:
             command += ["--model", model]
         self.log = open(log_path, "w")  # noqa: SIM115
@@ -95,14 +102,14 @@ def run_phase(url: str, payloads: list[dict], budget: str, clients: int, total_r
               max_seconds: float, description: str) -> dict:
     """``clients`` threads send requests until ``total_requests`` are done or ``max_seconds`` pass."""
     latencies: list[float] = []
-    failures = 0
+    failures: Counter[str] = Counter()
     issued = 0
     lock = threading.Lock()
     deadline = time.perf_counter() + max_seconds
     progress = tqdm(total=total_requests, desc=description, unit="req")
 
     def client(index: int) -> None:
-        nonlocal issued, failures
+        nonlocal issued
         session = requests.Session()
         while True:
             with lock:
@@ -111,13 +118,16 @@ def run_phase(url: str, payloads: list[dict], budget: str, clients: int, total_r
                 issued += 1
                 payload = payloads[issued % len(payloads)] | {"budget": budget}
             start = time.perf_counter()
-            ok = session.post(f"{url}/predict", json=payload, timeout=max_seconds).status_code == 200
+            try:
+                status = str(session.post(f"{url}/predict", json=payload, timeout=max_seconds).status_code)
+            except requests.RequestException as error:
+                status = type(error).__name__
             elapsed = time.perf_counter() - start
             with lock:
-                if ok:
+                if status == "200":
                     latencies.append(elapsed)
                 else:
-                    failures += 1
+                    failures[status] += 1
             progress.update(1)
 
     start = time.perf_counter()
@@ -126,54 +136,123 @@ def run_phase(url: str, payloads: list[dict], budget: str, clients: int, total_r
     wall = time.perf_counter() - start
     progress.close()
     ordered = sorted(latencies)
-    return {"requests": len(latencies), "failures": failures, "seconds": wall,
+    return {"requests": len(latencies), "failures": dict(failures), "seconds": wall,
             "requests_per_s": len(latencies) / wall,
             "p50_ms": 1000 * statistics.median(ordered) if ordered else None,
             "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None}
 
 
-def main() -> None:
+def bare_forward(args: argparse.Namespace, budgets: list[str], out: Path) -> dict[str, float]:
+    """Bare forward images/s of each budget at ``--max-batch-size`` (batch_efficiency.py, in its own process)."""
+    command = [sys.executable, str(ROOT / "benchmarks/batch_efficiency.py"), "--batch-sizes",
+               str(args.max_batch_size), "--dtypes", args.dtype, "--device", args.device, "--out", str(out),
+               "--images", str(args.bare_images)]
+    command += [f"--budget={spec}" for spec in budgets]
+    command += ["--model", args.model] if args.model else []
+    command += ["--threads", str(args.threads)] if args.threads else []
+    subprocess.run(command, cwd=ROOT, check=True)
+    rows = json.loads(out.read_text())["rows"]
+    return {row["budget"]: row["images_per_s"][str(args.max_batch_size)] for row in rows}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: the embedded default model")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=384, help="requests per phase (upper bound)")
     parser.add_argument("--max-seconds", type=float, default=180, help="time limit per phase")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--out", type=Path, default=Path("results/load_test.json"))
-    args = parser.parse_args()
+    parser.add_argument("--budget", dest="budgets", action="append", default=None,
+                        help="name=spec, repeatable (default: full=r:0 half=macs:0.5); the first is the reference")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the server and the bare forward")
+    parser.add_argument("--compile", action="store_true", help="serve with torch.compile (slow to start)")
+    parser.add_argument("--no-batching-off", dest="batching_off", action="store_false",
+                        help="skip the max_batch_size 1 phase")
+    parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare forward comparison")
+    parser.add_argument("--bare-images", type=int, default=96, help="images timed by the bare forward per budget")
+    parser.add_argument("--warm-up", type=int, default=16, help="requests sent before each phase's timing")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/load_test.json")
+    args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    budgets = args.budgets or ["full=r:0", "half=macs:0.5"]
+    names = [spec.partition("=")[0] for spec in budgets]
+    options = ["--device", args.device, "--dtype", args.dtype, *[f"--budget={spec}" for spec in budgets]]
+    options += ["--threads", str(args.threads)] if args.threads else []
+    options += ["--compile"] if args.compile else []
+    bare = bare_forward(args, budgets, args.out.with_suffix(".bare.json")) if args.bare else {}
     payloads = request_payloads()
-    phases = [("batching off, full", 1, "full"), ("batching on, full", args.max_batch_size, "full"),
-              ("batching on, half MACs", args.max_batch_size, "half")]
+    phases = [(f"batching on, {name}", args.max_batch_size, name) for name in names]
+    if args.batching_off:
+        phases.insert(0, (f"batching off, {names[0]}", 1, names[0]))
     results: dict[str, dict] = {}
     servers: dict[int, ServerProcess] = {}
+    info: dict = {}
     try:
-        for name, batch_size, budget in phases:
+        for phase, batch_size, budget in phases:
             if batch_size not in servers:
-                for running in servers.values():  # one server at a time: they would share the 2 cores
+                for running in servers.values():  # one server at a time: they would share the cores
                     running.stop()
-                servers = {batch_size: ServerProcess(args.model, batch_size, args.dtype,
-                                                     args.out.with_suffix(f".server{batch_size}.log"))}
+                servers = {batch_size: ServerProcess(args.model, batch_size,
+                                                     args.out.with_suffix(f".server{batch_size}.log"), options)}
                 servers[batch_size].wait_healthy()
+                info = requests.get(f"{servers[batch_size].url}/info", timeout=10).json()
             url = servers[batch_size].url
-            run_phase(url, payloads, budget, min(args.clients, 8), 16, args.max_seconds, f"warm-up {name}")
-            results[name] = run_phase(url, payloads, budget, args.clients, args.requests, args.max_seconds, name)
-            results[name]["metrics"] = requests.get(f"{url}/metrics", timeout=10).json()
+            run_phase(url, payloads, budget, min(args.clients, 8), args.warm_up, args.max_seconds, f"warm-up {phase}")
+            before = requests.get(f"{url}/metrics", timeout=10).json()
+            row = run_phase(url, payloads, budget, args.clients, args.requests, args.max_seconds, phase)
+            after = requests.get(f"{url}/metrics", timeout=10).json()
+            row |= {"budget": budget, "max_batch_size": batch_size, "images_per_s": row["requests_per_s"],
+                    "mean_batch_size": _mean_batch(before, after), "metrics": after}
+            if batch_size == args.max_batch_size and budget in bare:
+                row |= {"bare_images_per_s": bare[budget], "server_over_bare": row["images_per_s"] / bare[budget]}
+            results[phase] = row
     finally:
         for running in servers.values():
             running.stop()
-    off, on, half = (results[name]["requests_per_s"] for name, _, _ in phases)
-    summary = {"batching_speedup": on / off, "half_macs_speedup": half / on}
-    print(f"\n{args.clients} concurrent clients on 127.0.0.1, dtype {args.dtype}")
-    print("| phase | requests | req/s | p50 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
-    for name, row in results.items():
-        print(f"| {name} | {row['requests']} | {row['requests_per_s']:.2f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} "
-              f"| {row['metrics']['mean_batch_size'] or 0:.1f} |")
-    print(f"\nbatching on / off: {summary['batching_speedup']:.2f}x; half MACs / full (batching on): "
-          f"{summary['half_macs_speedup']:.2f}x")
-    args.out.write_text(json.dumps({"clients": args.clients, "phases": results, "summary": summary}, indent=2))
+    summary = _summary(results, names, args.max_batch_size)
+    print(f"\n{args.clients} concurrent clients on 127.0.0.1; server: {info.get('model', {})}")
+    print("| phase | requests | req/s = img/s | p50 ms | p99 ms | mean batch | bare img/s | server / bare |")
+    print("|---|---|---|---|---|---|---|---|")
+    for phase, row in results.items():
+        bare_text = (f"{row['bare_images_per_s']:.2f} | {100 * row['server_over_bare']:.0f}%"
+                     if "bare_images_per_s" in row else "- | -")
+        print(f"| {phase} | {row['requests']} | {row['requests_per_s']:.2f} | {_ms(row['p50_ms'])} | "
+              f"{_ms(row['p99_ms'])} | {row['mean_batch_size'] or 0:.1f} | {bare_text} |")
+    print("\n" + json.dumps(summary, indent=1))
+    args.out.write_text(json.dumps({"clients": args.clients, "budgets": budgets, "device": args.device,
+                                    "dtype": args.dtype, "threads": args.threads, "server_info": info,
+                                    "phases": results, "summary": summary}, indent=2))
     print(f"wrote {args.out}")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _mean_batch(before: dict, after: dict) -> float | None:
+    """The mean batch size of this phase's requests alone (the server's counters also hold the warm-up's)."""
+    counts = {size: count - before["batch_size_counts"].get(size, 0)
+              for size, count in after["batch_size_counts"].items()}
+    served = sum(counts.values())
+    return sum(int(size) * count for size, count in counts.items()) / served if served else None
+
+
+def _summary(results: dict, names: list[str], max_batch_size: int) -> dict:
+    batched = {row["budget"]: row for row in results.values() if row["max_batch_size"] == max_batch_size}
+    summary: dict = {"requests_per_s": {name: row["requests_per_s"] for name, row in batched.items()}}
+    off = [row for row in results.values() if row["max_batch_size"] == 1]
+    if off and names[0] in batched:
+        summary["batching_speedup"] = batched[names[0]]["requests_per_s"] / off[0]["requests_per_s"]
+    if "half" in batched and "full" in batched:
+        summary["half_over_full"] = batched["half"]["requests_per_s"] / batched["full"]["requests_per_s"]
+        summary["half_over_full_at_least_1.8"] = summary["half_over_full"] >= 1.8
+    shares = {name: row["server_over_bare"] for name, row in batched.items() if "server_over_bare" in row}
+    if shares:
+        summary["server_over_bare"] = shares
+        summary["server_at_least_90%_of_bare"] = all(share >= 0.9 for share in shares.values())
+    return summary
 
 
 if __name__ == "__main__":

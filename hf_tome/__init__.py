@@ -79,10 +79,11 @@ _ORIGINS = {
 
 # transformers.AutoModel*.from_pretrained(..., tome_r=16) raises an error pointing at hf_tome's Auto classes.
 _plain_transformers.install()
-# What the registry imports on its first look-up: every model family (one module each under hf_tome.adapters)
-# and DC-ViT's slim blocks, which the loader rebuilds and the plans and MACs account for (a structure hook).
+# What the registry imports on its first look-up: every model family (one module each under hf_tome.adapters),
+# DC-ViT's slim blocks, which the loader rebuilds and the plans and MACs account for (a structure hook), and the
+# Hub publisher, which saves remote code, auto_map and a model card with every patched model.
 # Named here, at the top, because they sit above the registry; importing them now would import transformers.
-_registry.set_builtin_plugins(("hf_tome.adapters", "hf_tome.dcvit.hook"))
+_registry.set_builtin_plugins(("hf_tome.adapters", "hf_tome.dcvit.hook", "hf_tome.hub.hook"))
 
 
 def __getattr__(name: str) -> Any:

@@ -1,16 +1,18 @@
 """The LitServe API: image classification with hf_tome under named, fixed token budgets.
 
-Requests arrive already validated and in canonical form (see :mod:`hf_tome_server.guard`). A batch may mix budgets;
+Requests arrive validated, decoded and preprocessed (see :mod:`hf_tome_server.guard`): each carries its image's
+``pixel_values`` (float32, base64), its budget's name and ``top_k``, so the inference worker only stacks tensors
+and runs the model. A batch may mix budgets;
 ``predict`` splits it into one forward pass per budget, so requests with different budgets never share a
 forward pass and every pass has the same token count per layer for all its images. Each pass runs its budget's
 reduction plan, built once at start-up, as ``model(..., tome_plan=plan)``: the model is patched once in ``setup``
-(with the default budget) and never changed per request.
+(with the default budget) and never changed per request. With ``compile=True`` the forward runs through
+``torch.compile`` (opt-in: compiling is slow, and each budget and batch size may compile again).
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import time
 from dataclasses import dataclass
 
@@ -22,11 +24,12 @@ from starlette.responses import JSONResponse
 import hf_tome
 
 from .budgets import Budget, parse_budgets
+from .errors import sanitize
 
 
 @dataclass
 class _Decoded:
-    image: Image.Image | None
+    pixels: torch.Tensor | None
     budget: str
     top_k: int
     error: str | None = None
@@ -36,9 +39,11 @@ class ImageClassificationAPI(ls.LitAPI):
     """Serves ``hf_tome.AutoModelForImageClassification`` at ``api_path`` (default ``/predict``)."""
 
     def __init__(self, model: str, budget_specs: list[str], dtype: str = "float32", max_batch_size: int = 16,
-                 batch_timeout: float = 0.01, api_path: str = "/predict", threads: int | None = None) -> None:
+                 batch_timeout: float = 0.01, api_path: str = "/predict", threads: int | None = None,
+                 compile: bool = False) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path)
         self.model_name, self.budget_specs, self.dtype_name, self.threads = model, list(budget_specs), dtype, threads
+        self.compile = compile
 
     def setup(self, device: str) -> None:
         from transformers import AutoImageProcessor
@@ -58,14 +63,24 @@ class ImageClassificationAPI(ls.LitAPI):
         hf_tome.apply(self.model, next(iter(self.budgets.values())).config)
         self.model.to(device=self.device, dtype=self.dtype)
         self.labels = self.model.config.id2label
+        self.forward = torch.compile(self.model) if self.compile else self.model
+        if self.compile:  # compile now, for each budget at batch 1 and the largest batch, not on the first requests
+            for budget in self.budgets.values():
+                for size in sorted({1, self.max_batch_size}):
+                    with torch.inference_mode():
+                        self.forward(pixel_values=probe.expand(size, -1, -1, -1).to(self.device, self.dtype),
+                                     tome_plan=budget.plan)
 
     def decode_request(self, request: dict) -> _Decoded:
-        # The guard has validated the request; still never raise here (one raise fails the whole batch).
+        # The guard has validated and preprocessed the request; still never raise here (one raise fails the batch).
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(request["image"]))).convert("RGB")
-            return _Decoded(image, request["budget"], int(request["top_k"]))
+            shape = tuple(int(size) for size in request["shape"])
+            pixels = torch.frombuffer(bytearray(base64.b64decode(request["pixels"])), dtype=torch.float32)
+            if request["budget"] not in self.budgets:
+                raise ValueError(f"unknown budget {request['budget']!r}")
+            return _Decoded(pixels.reshape(shape), request["budget"], int(request["top_k"]))
         except Exception as error:  # noqa: BLE001
-            return _Decoded(None, str(request.get("budget")), 1, error=f"could not decode the image: {error}")
+            return _Decoded(None, "", 1, error=f"{type(error).__name__}: {sanitize(error, 120)}")
 
     def batch(self, inputs: list[_Decoded]) -> list[_Decoded]:
         return inputs
@@ -77,19 +92,19 @@ class ImageClassificationAPI(ls.LitAPI):
         if isinstance(batch, _Decoded):  # max_batch_size=1: LitServe's unbatched loop passes single requests
             return self.predict([batch])[0]
         outputs: list[dict | _Decoded] = list(batch)
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         for index, item in enumerate(batch):
-            if item.error is None:
-                groups.setdefault(item.budget, []).append(index)
-        for budget_name, indices in groups.items():
+            if item.error is None:  # one forward per budget (and per input shape, for processors that vary it)
+                groups.setdefault((item.budget, tuple(item.pixels.shape)), []).append(index)
+        for (budget_name, _), indices in groups.items():
             budget = self.budgets[budget_name]
-            pixel_values = self.processor(images=[batch[i].image for i in indices], return_tensors="pt")
+            pixel_values = torch.stack([batch[i].pixels for i in indices])
             start = time.perf_counter()
             with torch.inference_mode():
-                logits = self.model(pixel_values=pixel_values["pixel_values"].to(self.device, self.dtype),
-                                    tome_plan=budget.plan).logits
+                logits = self.forward(pixel_values=pixel_values.to(self.device, self.dtype),
+                                      tome_plan=budget.plan).logits
+                probabilities = logits.float().softmax(-1).cpu()  # on a GPU, waits for the forward to end
             forward_ms = 1000 * (time.perf_counter() - start)
-            probabilities = logits.float().softmax(-1).cpu()
             for row, index in enumerate(indices):
                 top_k = min(batch[index].top_k, probabilities.shape[-1])
                 scores, classes = probabilities[row].topk(top_k)
@@ -104,6 +119,7 @@ class ImageClassificationAPI(ls.LitAPI):
 
     # No annotations here: LitServe turns them into the FastAPI route's types, and a Union with a Response fails.
     def encode_response(self, output):  # noqa: ANN001, ANN201
-        if isinstance(output, _Decoded):  # a per-request error: answered 400 without failing its batch
-            return JSONResponse({"error": "bad_image", "detail": output.error}, status_code=400)
+        if isinstance(output, _Decoded):  # the guard sent something unusable: a bug, answered without failing the batch
+            return JSONResponse({"error": "internal_error", "detail": f"the request could not be run: {output.error}"},
+                                status_code=500)
         return output

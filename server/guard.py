@@ -1,171 +1,142 @@
-"""Validation in front of LitServe: every bad request is answered 4xx here, before it can join a batch.
+"""The request guard: the one boundary between clients and LitServe, which answers any input with JSON.
 
-LitServe parses the body in the HTTP process (invalid JSON there becomes a 500) and fails a whole batch when
-one request raises in ``decode_request``. So this ASGI middleware reads the body itself (bounded), checks
-everything a request can get wrong, answers 4xx with a JSON error naming the problem, and forwards only
-valid requests, rewritten to one canonical JSON form (multipart uploads included). It also times every
-request and records status, batch size and budget in :class:`ServerMetrics`.
+An ASGI middleware in the HTTP process. For ``POST /predict`` it
+
+1. refuses at once (503 + ``Retry-After``) when the decode pool is full, before reading the body;
+2. reads the body, bounded in size (413) and in time (408 after ``read_timeout`` seconds: uvicorn has no body
+   timeout of its own);
+3. parses, validates, decodes and preprocesses it in the decode pool, off the event loop (:mod:`.pool`);
+4. forwards only the canonical payload (ready ``pixel_values``) to LitServe, whose answer it buffers and passes
+   on; a LitServe error (``{"detail": ...}``) is rewritten to the same ``{"error", "detail"}`` form.
+
+:meth:`RequestGuard._predict` is the boundary: a :class:`RequestError` raised anywhere below becomes its 4xx/5xx
+JSON answer, and any other exception a 500 ``internal_error`` JSON answer, logged without paths or addresses;
+either way exactly one answer is sent and exactly one request is recorded in :class:`ServerMetrics`. Other paths
+pass through, with a catch-all of their own. Connection-level limits (header size, header read timeout) are set
+on uvicorn's protocol (:mod:`.protocol`).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
+import asyncio
+import gc
 import json
+import logging
 import time
-from dataclasses import dataclass
+import uuid
 
-from PIL import Image, UnidentifiedImageError
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .decode import decode_image
+from .errors import RequestError, sanitize
 from .metrics import ServerMetrics
+from .options import SERVE_DECODE_POOLS, SERVE_DECODE_QUEUE, SERVE_DECODE_WORKERS, SERVE_READ_TIMEOUT
+from .parse import Limits
+from .pool import DecodePool, Preparer
+
+__all__ = ["Limits", "RequestError", "RequestGuard", "check_image"]
+
+logger = logging.getLogger("hf_tome_server")
 
 
-class RequestError(Exception):
-    """A request the server refuses: ``status`` (4xx), a short ``code`` and a message naming the problem."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+def check_image(data: bytes, limits: Limits):  # noqa: ANN201  (a PIL image)
+    """Decode ``data`` as the server does (8-bit RGB); raise :class:`RequestError` for anything it refuses."""
+    return decode_image(data, limits.max_pixels)
 
 
-@dataclass
-class Limits:
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 16_000_000
-    max_top_k: int = 100
-
-
-def check_image(data: bytes, limits: Limits) -> Image.Image:
-    """Open and fully decode ``data``; raise :class:`RequestError` for non-images, truncation or huge images."""
-    if not data:
-        raise RequestError(400, "empty_image", "the image is empty (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-        raise RequestError(400, "not_an_image", f"the data is not an image PIL can read: {error}") from None
-    width, height = image.size  # read from the header: a decompression bomb is refused before decoding
-    if width * height > limits.max_pixels:
-        raise RequestError(413, "image_too_large",
-                           f"the image is {width}x{height} = {width * height} pixels: expected at most "
-                           f"{limits.max_pixels} pixels")
-    try:
-        image.load()
-    except (OSError, ValueError, SyntaxError) as error:
-        raise RequestError(400, "truncated_image", f"the image could not be decoded (truncated or corrupt): "
-                                                   f"{error}") from None
-    return image
-
-
-def _parse_fields(fields: dict, budgets: list[str], limits: Limits) -> dict:
-    unknown = set(fields) - {"image", "budget", "top_k"}
-    if unknown:
-        raise RequestError(400, "unknown_field", f"unknown field(s) {sorted(unknown)}: expected 'image' and "
-                                                 f"optionally 'budget' and 'top_k'")
-    if "image" not in fields:
-        raise RequestError(400, "missing_image", "no image: expected a JSON field 'image' with base64 data or a "
-                                                 "multipart file field 'image'")
-    image = fields["image"]
-    if isinstance(image, str):
-        try:
-            image = base64.b64decode(image, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(400, "bad_base64", "field 'image' is not valid base64") from None
-    elif not isinstance(image, bytes):
-        raise RequestError(400, "bad_image_field", f"field 'image' is a {type(image).__name__}: expected a "
-                                                   f"base64 string")
-    check_image(image, limits)
-    budget = fields.get("budget", budgets[0])
-    if budget not in budgets:
-        raise RequestError(400, "unknown_budget", f"unknown budget {budget!r}: expected one of {', '.join(budgets)}")
-    top_k = fields.get("top_k", 5)
-    if isinstance(top_k, str) and top_k.strip().isdigit():
-        top_k = int(top_k)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= limits.max_top_k:
-        raise RequestError(400, "bad_top_k", f"top_k={top_k!r} is invalid: expected an integer from 1 to "
-                                             f"{limits.max_top_k}")
-    return {"image": base64.b64encode(image).decode("ascii"), "budget": budget, "top_k": top_k}
-
-
-async def _form_fields(scope: Scope, body: bytes) -> dict:
-    async def replay() -> Message:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(scope, replay).form(max_part_size=len(body) + 1)
-    except Exception as error:  # starlette raises several types for malformed multipart bodies
-        raise RequestError(400, "bad_multipart", f"the multipart body could not be parsed: {error}") from None
-    fields = {}
-    for key, value in form.multi_items():
-        fields[key] = await value.read() if isinstance(value, UploadFile) else value
-    return fields
-
-
-async def canonical_request(scope: Scope, body: bytes, budgets: list[str], limits: Limits) -> dict:
-    """Validate a request body (JSON or multipart) and return its canonical JSON fields."""
-    if not body:
-        raise RequestError(400, "empty_body", "the request body is empty: expected JSON or a multipart upload")
-    headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-    content_type = headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        fields = await _form_fields(scope, body)
-    else:
-        try:
-            fields = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RequestError(400, "bad_json", f"the request body is not valid JSON: {error}") from None
-        if not isinstance(fields, dict):
-            raise RequestError(400, "bad_json", f"the JSON body is a {type(fields).__name__}: expected an object "
-                                                f"like {{\"image\": \"<base64>\"}}")
-    return _parse_fields(fields, budgets, limits)
+def error_body(code: str, detail: str) -> bytes:
+    return json.dumps({"error": code, "detail": sanitize(detail)}).encode()
 
 
 class RequestGuard:
-    """ASGI middleware: validates requests to ``paths`` and records metrics for them."""
+    """ASGI middleware: validates requests to ``paths`` off the event loop and records metrics for them."""
 
-    def __init__(self, app: ASGIApp, paths: tuple[str, ...], budgets: list[str], limits: Limits,
-                 metrics: ServerMetrics) -> None:
-        self.app, self.paths, self.budgets, self.limits, self.metrics = app, paths, budgets, limits, metrics
+    def __init__(self, app: ASGIApp, paths: tuple[str, ...], preparer: Preparer, metrics: ServerMetrics,
+                 decode_workers: int = SERVE_DECODE_WORKERS, decode_queue: int = SERVE_DECODE_QUEUE,
+                 decode_pool: str = SERVE_DECODE_POOLS[0], read_timeout: float = SERVE_READ_TIMEOUT) -> None:
+        self.app, self.paths, self.metrics, self.read_timeout = app, paths, metrics, read_timeout
+        self.limits = preparer.limits
+        self.pool = DecodePool(preparer, decode_workers, decode_queue, decode_pool)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths or scope["method"] != "POST":
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._lifespan(receive), send)
+        elif scope["type"] != "http":
             await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
+        elif scope["path"] in self.paths:
+            await self._predict(scope, receive, send)
+        else:
+            await self._pass_through(scope, receive, send)
+
+    def _lifespan(self, receive: Receive) -> Receive:
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await asyncio.to_thread(self.pool.start)  # process workers spawn before the first request
+                # What start-up loaded (torch, transformers, the processor: ~470k objects) never becomes garbage;
+                # frozen, the collector stops walking it (a full collection over it held the GIL ~0.25 s here).
+                gc.collect()
+                gc.freeze()
+            elif message["type"] == "lifespan.shutdown":
+                self.pool.shutdown()
+            return message
+
+        return wrapped
+
+    async def _predict(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start, answer = time.perf_counter(), _Answer(send)
+        budget = batch_size = None
         try:
+            if scope["method"] != "POST":
+                raise RequestError(405, "method_not_allowed", f"{sanitize(scope['method'], 20)} is not allowed on "
+                                                              f"{scope['path']}: expected POST",
+                                   headers={"allow": "POST"})
+            self.pool.check()
             body = await self._read_body(scope, receive)
-            fields = await canonical_request(scope, body, self.budgets, self.limits)
+            budget, payload = await self.pool.prepare(body, _header(scope, b"content-type"))
+            batch_size = await self._forward(scope, payload, answer)
+            status, code = answer.status, answer.error
         except RequestError as error:
-            self.metrics.record(error.status, time.perf_counter() - start, error=error.code)
-            await self._send_error(send, error)
-            return
-        await self._forward(scope, send, fields, start)
+            status, code = error.status, error.code
+            await answer.error_response(error.status, error.code, error.message, error.headers, error.close)
+        except Exception as error:  # noqa: BLE001  the catch-all: a bug of ours, answered and counted, never raw
+            status, code = 500, "internal_error"
+            reference = uuid.uuid4().hex[:12]
+            logger.error("internal error %s on %s %s: %s: %s", reference, scope["method"], scope["path"],
+                         type(error).__name__, sanitize(error))
+            await answer.error_response(500, code, f"the server failed on this request (reference {reference})")
+        self.metrics.record(status, time.perf_counter() - start, batch_size=batch_size, budget=budget,
+                            error=None if status == 200 else code)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+        declared = _header(scope, b"content-length")
+        limit = self.limits.max_body_bytes
+        if declared.isdigit() and len(declared) < 20 and int(declared) > limit:
             raise RequestError(413, "payload_too_large", f"the body is {int(declared)} bytes: expected at most "
-                                                         f"{self.limits.max_body_bytes} bytes")
+                                                         f"{limit} bytes", close=True)
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestError(400, "client_disconnected", "the client disconnected before sending the body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limits.max_body_bytes:
-                raise RequestError(413, "payload_too_large", f"the body is over {self.limits.max_body_bytes} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise RequestError(400, "client_disconnected", "the client disconnected before sending the "
+                                                                       "body")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(413, "payload_too_large", f"the body is over {limit} bytes", close=True)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise RequestError(408, "read_timeout", f"the request body did not arrive within {self.read_timeout:g} s "
+                                                    f"({size} bytes came)", close=True) from None
 
-    async def _forward(self, scope: Scope, send: Send, fields: dict, start: float) -> None:
-        body = json.dumps(fields).encode()
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length")]
+    async def _forward(self, scope: Scope, body: bytes, answer: _Answer) -> int | None:
+        """Run LitServe on the canonical JSON payload; send its answer (errors in our form); return the batch size."""
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-type", b"content-length",
+                                                                             b"content-encoding")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         sent = False
 
@@ -176,31 +147,77 @@ class RequestGuard:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        status, response_body = 500, []
+        status, response_headers, chunks = 500, [], []
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_headers
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_headers = message["status"], list(message.get("headers", []))
             elif message["type"] == "http.response.body":
-                response_body.append(message.get("body", b""))
-            await send(message)
+                chunks.append(message.get("body", b""))
 
+        await self.app({**scope, "headers": headers}, receive, capture)
+        content = b"".join(chunks)
         try:
-            await self.app({**scope, "headers": headers}, receive, capture)
-        finally:
-            batch_size = None
-            if status == 200:
-                try:
-                    batch_size = json.loads(b"".join(response_body)).get("batch_size")
-                except (ValueError, AttributeError):
-                    pass
-            self.metrics.record(status, time.perf_counter() - start, batch_size=batch_size, budget=fields["budget"],
-                                error=None if status == 200 else f"status_{status}")
+            parsed = json.loads(content)
+        except ValueError:
+            parsed = None
+        if status == 200 and isinstance(parsed, dict) and "labels" in parsed:
+            await answer.send(200, response_headers, content)
+            return parsed.get("batch_size")
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str) and "detail" in parsed and status >= 400:
+            await answer.send(status, response_headers, content, error=parsed["error"])
+            return None
+        detail = parsed.get("detail") if isinstance(parsed, dict) else None
+        logger.error("the inference worker answered %s: %s", status, sanitize(str(detail or content[:200])))
+        if status < 500:  # LitServe's own refusal (there is none for valid requests), kept with its status
+            raise RequestError(status, "refused", str(detail or "the request was refused"))
+        code = "timeout" if status == 504 else "internal_error"
+        raise RequestError(status if status <= 599 else 500, code,
+                           "the model could not answer this request" + (" in time" if status == 504 else ""))
 
-    @staticmethod
-    async def _send_error(send: Send, error: RequestError) -> None:
-        body = json.dumps({"error": error.code, "detail": error.message}).encode()
-        await send({"type": "http.response.start", "status": error.status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _pass_through(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = _Answer(send)
+        try:
+            await self.app(scope, receive, answer.relay)
+        except Exception as error:  # noqa: BLE001
+            logger.error("internal error on %s %s: %s: %s", scope["method"], scope["path"], type(error).__name__,
+                         sanitize(error))
+            await answer.error_response(500, "internal_error", "the server failed on this request")
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+class _Answer:
+    """Sends at most one response; remembers its status and error code."""
+
+    def __init__(self, send: Send) -> None:
+        self._send, self.started, self.status, self.error = send, False, 500, "internal_error"
+
+    async def relay(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started, self.status = True, message["status"]
+        await self._send(message)
+
+    async def send(self, status: int, headers: list, body: bytes, error: str | None = None) -> None:
+        self.status, self.error = status, error
+        headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
+
+    async def error_response(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None,
+                             close: bool = False) -> None:
+        if self.started:  # too late for another answer: the connection ends with what was sent
+            return
+        extra = [(key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in (headers or {}).items()]
+        if close:
+            extra.append((b"connection", b"close"))
+        await self.send(status, [(b"content-type", b"application/json"), *extra], error_body(code, detail), code)
+

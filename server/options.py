@@ -6,11 +6,32 @@ from __future__ import annotations
 import argparse
 
 # ``hf_tome_server.app.ServerOptions`` holds these defaults too; it lives in a module that imports litserve and torch,
-# so
-# they are written out here and tests/test_cli.py checks that both agree.
+# so they are written out here and tests/test_cli.py checks that both agree.
 SERVE_BUDGETS = ("full=r:0", "half=macs:0.5")  # hf_tome_server.budgets.DEFAULT_BUDGET_SPECS
-SERVE_MAX_BODY_BYTES = 10 * 1024 * 1024  # hf_tome_server.guard.Limits.max_body_bytes
-SERVE_MAX_PIXELS = 16_000_000  # hf_tome_server.guard.Limits.max_pixels
+SERVE_MAX_BODY_BYTES = 10 * 1024 * 1024  # hf_tome_server.parse.Limits.max_body_bytes
+SERVE_MAX_PIXELS = 16_000_000  # hf_tome_server.parse.Limits.max_pixels
+# ServerOptions, the guard, its decode pool and the HTTP protocol take these from here
+SERVE_DEVICES = ("auto", "cpu", "cuda")
+SERVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SERVE_DECODE_WORKERS = 4
+SERVE_DECODE_QUEUE = 64  # a burst of 64 clients (the load test) is queued, not refused
+SERVE_DECODE_POOLS = ("thread", "process")
+SERVE_READ_TIMEOUT = 30.0
+SERVE_MAX_HEADER_BYTES = 16 * 1024
+
+
+def _at_least(minimum: float, kind: type = int):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{text} is invalid: expected at least {minimum}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,13 +43,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              f"the default budget (default: {' '.join(SERVE_BUDGETS)})")
     parser.add_argument("--max-batch-size", type=int, default=16, help="largest dynamic batch; 1 turns batching off")
     parser.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait to fill a batch")
-    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--device", default="auto", choices=SERVE_DEVICES,
+                        help="where the model runs; auto: cuda when torch sees a GPU, else cpu")
+    parser.add_argument("--dtype", default="float32", choices=SERVE_DTYPES,
                         help="dtype of the model; auto: bfloat16 where the CPU/GPU runs it natively")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the model through torch.compile (compiles each budget at start-up: slow)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the inference worker; also keeps "
-                        "the server on the CPU (default: torch's choice, and a GPU where there is one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the inference worker "
+                        "(default: torch's choice)")
     parser.add_argument("--max-body-bytes", type=int, default=SERVE_MAX_BODY_BYTES,
                         help="larger request bodies are answered 413")
     parser.add_argument("--max-pixels", type=int, default=SERVE_MAX_PIXELS,
                         help="larger images (width x height) are answered 413")
+    parser.add_argument("--decode-workers", type=_at_least(1), default=SERVE_DECODE_WORKERS,
+                        help="workers that parse, decode and preprocess requests off the event loop")
+    parser.add_argument("--decode-queue", type=_at_least(0), default=SERVE_DECODE_QUEUE,
+                        help="requests that may wait for a decode worker; more are answered 503 with Retry-After")
+    parser.add_argument("--decode-pool", default=SERVE_DECODE_POOLS[0], choices=SERVE_DECODE_POOLS,
+                        help="decode workers as threads, or as processes (isolated; slower to start)")
+    parser.add_argument("--read-timeout", type=_at_least(0.001, float), default=SERVE_READ_TIMEOUT,
+                        help="seconds a client has to send a request's headers, and again its body; later is 408")
+    parser.add_argument("--max-header-bytes", type=_at_least(1024), default=SERVE_MAX_HEADER_BYTES,
+                        help="larger request lines + headers are answered 431")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import inspect
 import json
 import subprocess
 import sys
@@ -50,12 +51,12 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "helps": len(texts),
                   "heavy": sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
 """
     result = json.loads(_python(code).stdout)
-    assert result["heavy"] == [] and result["helps"] == 6  # the top parser and its 5 subcommands
+    assert result["heavy"] == [] and result["helps"] == 7  # the top parser and its 6 subcommands
     assert result["seconds"] < 2.0
 
 
 @pytest.mark.parametrize("args", [["--help"], ["search", "--help"], ["serve", "--help"], ["compress", "--help"],
-                                  ["--version"]])
+                                  ["export", "--help"], ["--version"]])
 def test_help_and_version_exit_0_without_importing_torch(args):
     code = (f"import sys\nfrom hf_tome.cli.main import main\ntry:\n    main({args!r})\nexcept SystemExit as exit:\n"
             f"    print('exit', exit.code, sorted(m for m in {HEAVY!r} if m in sys.modules))")
@@ -111,7 +112,7 @@ def test_every_option_has_help_showing_its_default_once():
             expected = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
             assert text.endswith(f"(default: {expected})"), f"{name} {action.option_strings[0]}: {text!r}"
             shown += 1
-    assert shown == 93  # bench 5 + (serve 7 + search 19 + compress 18) twice: as hf-tome X and as python -m
+    assert shown == 108  # bench 5 + export 3 + (serve 13 + search 19 + compress 18) twice: as hf-tome X and python -m
 
 
 @pytest.mark.parametrize("command, option, expected", [
@@ -177,6 +178,29 @@ def test_serve_defaults_agree_with_the_server():
     assert app.options_from_args(cli.build_parser().parse_args(["serve"])) == app.ServerOptions()
     options = app.options_from_args(cli.build_parser().parse_args(["serve", "--budget", "fast=r:16"]))
     assert options.budgets == ["fast=r:16"]  # given budgets replace the default ones
+    # the guard, its decode pool and the HTTP protocol default to what the command line does
+    from hf_tome_server.guard import RequestGuard
+    from hf_tome_server.pool import DecodePool
+    from hf_tome_server.protocol import GuardedH11Protocol
+
+    defaults = app.ServerOptions()
+    guard = inspect.signature(RequestGuard).parameters
+    assert [guard[name].default for name in ("decode_workers", "decode_queue", "decode_pool", "read_timeout")] == [
+        defaults.decode_workers, defaults.decode_queue, defaults.decode_pool, defaults.read_timeout]
+    pool = inspect.signature(DecodePool).parameters
+    assert (pool["workers"].default, pool["queue"].default) == (defaults.decode_workers, defaults.decode_queue)
+    assert (GuardedH11Protocol.header_timeout, GuardedH11Protocol.max_header_bytes) == (defaults.read_timeout,
+                                                                                        defaults.max_header_bytes)
+    assert (defaults.device, defaults.dtype, defaults.compile) == ("auto", "float32", False)
+    options = app.options_from_args(cli.build_parser().parse_args(
+        ["serve", "--device", "cuda", "--dtype", "float16", "--compile", "--decode-workers", "2", "--decode-queue", "0",
+         "--decode-pool", "process", "--read-timeout", "2.5", "--max-header-bytes", "8192"]))
+    assert (options.device, options.dtype, options.compile, options.decode_workers, options.decode_queue,
+            options.decode_pool, options.read_timeout, options.max_header_bytes) == (
+        "cuda", "float16", True, 2, 0, "process", 2.5, 8192)
+    for bad in (["--decode-workers", "0"], ["--decode-queue", "-1"], ["--read-timeout", "0"], ["--device", "tpu"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", *bad])
 
 
 def test_the_old_import_paths_still_work():

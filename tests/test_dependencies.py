@@ -56,6 +56,8 @@ INDIRECT = {
     "safetensors": "transformers",  # evaluation.assets.dinov2
     "pyarrow": "datasets",  # evaluation.assets.fashion_mnist
     "starlette": "litserve",  # server (litserve serves through FastAPI, on Starlette)
+    "uvicorn": "litserve",  # server/protocol.py: the h11 protocol uvicorn runs LitServe with
+    "h11": "litserve",  # through uvicorn
 }
 
 # A module whose import belongs to another extra than its layer's, and the only modules allowed to import it.

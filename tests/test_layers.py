@@ -142,8 +142,16 @@ def test_the_core_imports_no_transformers():
                 assert not any(name.split(".")[0] == "transformers" for name in names), module
 
 
+# Namespace packages of other distributions that pyproject maps one of our folders into (they have no __init__.py):
+# optimum-cli's command registry, where hf_tome/export/optimum_register installs `optimum-cli export hf-tome`.
+NAMESPACE_PORTIONS = {"optimum.commands.register": "hf_tome/export/optimum_register"}
+
+
 def test_pyproject_lists_every_package():
     """pyproject lists the packages (server/ installs as hf_tome_server, which find cannot map): none missing."""
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
     packages = {module for module, path in MODULES.items() if path.name == "__init__.py"}
-    assert listed == packages
+    assert listed == packages | set(NAMESPACE_PORTIONS)
+    for name, folder in NAMESPACE_PORTIONS.items():
+        assert setuptools["package-dir"][name] == folder and not (ROOT / folder / "__init__.py").exists()

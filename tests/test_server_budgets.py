@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,10 +17,15 @@ import torch
 import transformers as T
 from conftest import make_model
 from hf_tome_server.api import ImageClassificationAPI
+from hf_tome_server.app import OptionError, ServerOptions, model_display_name, resolve_device, run_server
 from hf_tome_server.budgets import parse_budgets
+from hf_tome_server.decode import to_8bit
+from hf_tome_server.errors import sanitize, show
 from hf_tome_server.guard import Limits, RequestError, check_image
 from hf_tome_server.metrics import ServerMetrics, percentile
+from hf_tome_server.pool import Preparer
 from PIL import Image
+from test_server_fuzz import LEAK, LIMITS, as_json, call, make_guard
 
 import hf_tome
 from hf_tome.core.schedule import merge_schedule
@@ -115,8 +126,11 @@ def _png(seed: int) -> bytes:
 
 
 def _requests(api: ImageClassificationAPI, budgets: list[str], top_k: int = 3) -> list:
-    return [api.decode_request({"image": base64.b64encode(_png(seed)).decode(), "budget": budget, "top_k": top_k})
-            for seed, budget in enumerate(budgets)]
+    """Requests as the worker gets them: prepared (validated, decoded, preprocessed) as the guard does."""
+    preparer = Preparer(api.processor, list(api.budgets), Limits())
+    bodies = [json.dumps({"image": base64.b64encode(_png(seed)).decode(), "budget": budget, "top_k": top_k}).encode()
+              for seed, budget in enumerate(budgets)]
+    return [api.decode_request(preparer(body, "application/json")) for body in bodies]
 
 
 def _library_top(folder, config: hf_tome.ToMeConfig, image: bytes, k: int) -> tuple[list[str], list[float]]:
@@ -179,3 +193,228 @@ def test_serving_never_patches_the_model_again(model_folder, monkeypatch) -> Non
     assert single["labels"] == expected[2]["labels"]
     assert loop._tome_plan is default_plan
     assert api.model.config.tome == tome_settings
+
+
+# The guard in process (tests/test_server_fuzz.py fuzzes it): its one boundary, the decode pool, time limits.
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def _json_answer(status: int, headers: dict, body: bytes) -> dict:
+    assert headers[b"content-type"] == b"application/json"
+    return {"status": status, **json.loads(body)}
+
+
+def test_a_full_decode_pool_answers_503_with_retry_after_and_counts_it() -> None:
+    gate = threading.Event()
+    metrics = ServerMetrics()
+    guard = make_guard(metrics, decode_workers=1, decode_queue=1)
+    preparer = guard.pool.preparer
+
+    class Gated:
+        def encoded(self, body, content_type):
+            return gate.wait(10) and preparer.encoded(body, content_type)
+
+    guard.pool.preparer = Gated()
+
+    async def main():
+        body = as_json(_png(0))
+        waiting = [asyncio.create_task(call(guard, body)) for _ in range(2)]
+        while guard.pool.pending < 2:
+            await asyncio.sleep(0.01)
+        refused = [await call(guard, body) for _ in range(2)]
+        gate.set()
+        return refused, await asyncio.gather(*waiting)
+
+    refused, served = _run(main())
+    for status, headers, body in refused:
+        assert status == 503 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+        assert _json_answer(status, headers, body)["error"] == "overloaded"
+    assert [status for status, _, _ in served] == [200, 200]
+    assert metrics.snapshot()["status_counts"] == {"200": 2, "503": 2} and guard.pool.pending == 0
+
+
+def test_a_body_that_stops_arriving_gets_408_after_the_read_timeout() -> None:
+    metrics = ServerMetrics()
+    guard = make_guard(metrics, read_timeout=0.3)
+    chunks = [{"type": "http.request", "body": b'{"image": "iVBO', "more_body": True}]
+
+    async def stalled():
+        return chunks.pop(0) if chunks else await asyncio.sleep(3600)
+
+    start = time.perf_counter()
+    status, headers, body = _run(call(guard, b"x" * 1000, receive=stalled))
+    assert 0.3 <= time.perf_counter() - start < 2.0
+    assert _json_answer(status, headers, body)["error"] == "read_timeout" and headers[b"connection"] == b"close"
+    assert metrics.snapshot()["errors"] == {"read_timeout": 1}
+
+
+def test_refusals_before_the_body_is_read() -> None:
+    async def unread():
+        raise AssertionError("the body was read")
+
+    metrics = ServerMetrics()
+    guard = make_guard(metrics)
+    status, headers, body = _run(call(guard, b"", method="GET", receive=unread))
+    assert (status, headers[b"allow"]) == (405, b"POST")
+    assert _json_answer(status, headers, body)["detail"] == "GET is not allowed on /predict: expected POST"
+    status, headers, body = _run(call(guard, b"", receive=unread, length=LIMITS.max_body_bytes + 1))
+    assert (status, headers[b"connection"]) == (413, b"close")
+    assert _json_answer(status, headers, body)["error"] == "payload_too_large"
+    assert metrics.snapshot()["status_counts"] == {"405": 1, "413": 1}
+
+
+def test_the_catch_all_answers_json_counts_and_logs_without_paths(caplog) -> None:
+    async def broken(scope, receive, send):
+        raise RuntimeError(f"boom in {__file__} at <object at 0x7f3a2b1c9d80>")
+
+    async def litserve_error(scope, receive, send):
+        await receive()
+        status = 504 if scope["path"] == "/slow" else 500
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"detail": "Internal server error"}'})
+
+    metrics = ServerMetrics()
+    body = as_json(_png(0))
+    answers = [_json_answer(*_run(call(make_guard(metrics, app=broken), body)))]
+    answers.append(_json_answer(*_run(call(make_guard(metrics, app=litserve_error), body))))
+    answers.append(_json_answer(*_run(call(make_guard(metrics, app=broken), b"", method="GET", path="/health"))))
+    assert [(answer["status"], answer["error"]) for answer in answers] == [(500, "internal_error")] * 3
+    assert metrics.snapshot()["status_counts"] == {"500": 2}  # /predict requests; /health is not counted
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "RuntimeError" in logged and not LEAK.search(logged) and not LEAK.search(json.dumps(answers))
+
+
+def test_a_preparer_bug_is_a_counted_500_not_an_escape(monkeypatch) -> None:
+    import hf_tome_server.pool as pool
+
+    monkeypatch.setattr(pool, "decode_image", lambda data, max_pixels: {}["no such key"])
+    metrics = ServerMetrics()
+    answer = _json_answer(*_run(call(make_guard(metrics), as_json(_png(0)))))
+    assert (answer["status"], answer["error"]) == (500, "internal_error")
+    assert metrics.snapshot()["errors"] == {"internal_error": 1}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("cannot identify image file <_io.BytesIO object at 0x7f9c2d3e4f50>", "cannot identify image file <_io.BytesIO "
+                                                                          "object>"),
+    ("[Errno 2] No such file or directory: '/root/.cache/x/model.safetensors'", "[Errno 2] No such file or "
+                                                                                 "directory: '<path>'"),
+    ("expected multipart/form-data or application/json", "expected multipart/form-data or application/json"),
+    (r"C:\Users\me\model.bin is missing", "<path> is missing"),
+    ("the image is 4000x4000000 pixels, id 0x7f3a2b1c9d80", "the image is 4000x4000000 pixels, id"),
+    ("x" * 1000, "x" * 297 + "..."),
+])
+def test_sanitize_removes_paths_and_addresses(text: str, expected: str) -> None:
+    assert sanitize(text) == expected
+
+
+def test_show_never_raises_on_huge_values() -> None:
+    assert show(10**5000) == "an integer of 16610 bits" and show("9" * 5000).endswith("(5000 characters)")
+    assert (show([1]), show({}), show(b"x"), show(True), show(2.5)) == ("an array", "an object", "b'x'", "True", "2.5")
+
+
+# High bit depths are scaled by their range, not clipped: 16-bit mid-grey preprocesses as 8-bit mid-grey.
+
+def _grey(mode: str, fmt: str) -> bytes:
+    values = {"L": np.uint8(128), "I;16": np.uint16(32896), "F": np.float32(128 / 255)}[mode]
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((30, 40), values)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt,decoded_mode", [("I;16", "PNG", "I;16"), ("I;16", "TIFF", "I;16"),
+                                                   ("I;16", "PPM", "I"), ("F", "TIFF", "F")])
+def test_high_bit_depth_mid_grey_preprocesses_like_8_bit_mid_grey(mode: str, fmt: str, decoded_mode: str) -> None:
+    data = _grey(mode, fmt)
+    assert Image.open(io.BytesIO(data)).mode == decoded_mode
+    preparer = Preparer(T.ViTImageProcessor(size={"height": 32, "width": 32}), ["full"], Limits())
+    expected = preparer.pixel_values(check_image(_grey("L", "PNG"), Limits()))
+    assert check_image(data, Limits()).getpixel((0, 0)) == (128, 128, 128)
+    np.testing.assert_array_equal(preparer.pixel_values(check_image(data, Limits())), expected)
+    clipped = preparer.pixel_values(Image.open(io.BytesIO(data)).convert("RGB"))  # what Pillow alone gives
+    assert abs(float(clipped.mean()) - float(expected.mean())) > 0.9  # near-white, not mid-grey
+
+
+def _values(image: Image.Image) -> list[int]:
+    return np.asarray(image).ravel().tolist()
+
+
+def test_to_8bit_scales_each_high_bit_depth_mode() -> None:
+    ramp = np.array([[0, 257, 32896, 65535]], np.uint16)
+    for mode, raw in (("I;16", ramp.astype("<u2").tobytes()), ("I;16B", ramp.astype(">u2").tobytes())):
+        assert _values(to_8bit(Image.frombytes(mode, (4, 1), raw))) == [0, 1, 128, 255]
+    assert _values(to_8bit(Image.fromarray(np.array([[-5, 0, 5, 15]], np.int32)))) == [0, 64, 128, 255]
+    floats = np.array([[0.0, 0.5, 1.0, np.nan]], np.float32)
+    assert _values(to_8bit(Image.fromarray(floats))) == [0, 128, 255, 0]
+    assert to_8bit(Image.new("RGB", (2, 2))).mode == "RGB"
+
+
+# Options: the device, the dtype, torch.compile, and the name /info shows.
+
+def test_device_auto_resolves_to_cpu_and_cuda_without_a_gpu_stops_with_a_message(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(OptionError, match="--device cuda: torch sees no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(SystemExit, match="hf-tome serve: --device cuda") as stopped:
+        run_server(ServerOptions(device="cuda", model="not-loaded"))
+    assert "Traceback" not in str(stopped.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
+def test_serve_with_device_cuda_and_no_gpu_exits_with_a_message_not_a_traceback() -> None:
+    finished = subprocess.run([sys.executable, "-m", "hf_tome_server", "--device", "cuda", "--model", "unused"],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1 and "Traceback" not in finished.stderr
+    assert "hf-tome serve: --device cuda: torch sees no CUDA device" in finished.stderr
+
+
+def test_compile_runs_the_forward_through_torch_compile(model_folder, monkeypatch) -> None:
+    compiled = []
+
+    def fake_compile(model):
+        def forward(**kwargs):
+            compiled.append((kwargs["pixel_values"].shape[0], kwargs["tome_plan"]))
+            return model(**kwargs)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    api = ImageClassificationAPI(str(model_folder), SERVED_BUDGETS, max_batch_size=4, compile=True)
+    api.setup("cpu")
+    warmed = [(size, plan) for size, plan in compiled]
+    assert warmed == [(size, budget.plan) for budget in api.budgets.values() for size in (1, 4)]
+    eager = _api(model_folder)
+    order = ["fast", "full", "fast"]
+    assert _without_timing(api.predict(_requests(api, order))) == _without_timing(eager.predict(_requests(eager,
+                                                                                                          order)))
+    assert len(compiled) == len(warmed) + 2  # one compiled forward per budget of the batch
+
+
+def test_info_names_the_model_never_its_path(tmp_path) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert model_display_name(str(folder)) == "my-model"
+    assert model_display_name(str(tmp_path / "gone")) == "gone"
+    assert model_display_name("google/vit-base-patch16-224") == "google/vit-base-patch16-224"
+    assert model_display_name(None) == "embedded default model (dinov2-small-fashion-mnist-2000)"
+
+
+def test_the_process_decode_pool_answers_like_the_thread_pool() -> None:
+    bodies = [as_json(_png(0)), b"{", as_json(_png(0)[:300]), as_json(_png(0), top_k="²")]
+
+    async def answers(guard):
+        try:
+            return [(status, json.loads(body).get("error")) for status, _, body in
+                    [await call(guard, body) for body in bodies]]
+        finally:
+            guard.pool.shutdown()
+
+    threads = _run(answers(make_guard(decode_pool="thread")))
+    guard = make_guard(decode_pool="process", decode_workers=1)
+    guard.pool.start()
+    assert _run(answers(guard)) == threads == [(200, None), (400, "bad_json"), (400, "truncated_image"),
+                                               (400, "bad_top_k")]

@@ -5,7 +5,6 @@ The classification head averages patch tokens, which becomes a size-weighted ave
 """
 
 import torch
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.dinov2 import modeling_dinov2 as dinov2
 from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_reg
@@ -21,6 +20,7 @@ from hf_tome.integration.encoder import (
     KeyMetricAttentionMixin,
     PreNormReduceLayerMixin,
     TokenMergeOutput,
+    bidirectional_mask,
     plan_for_call,
     run_layers,
 )
@@ -59,9 +59,7 @@ class _Dinov2ModelMixin(ToMeModelMixin):
     def forward(self, pixel_values: torch.Tensor | None = None, bool_masked_pos: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]) -> TokenMergeOutput:
         embedding_output = self.embeddings(pixel_values=pixel_values, bool_masked_pos=bool_masked_pos)
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-        )
+        attention_mask = bidirectional_mask(self.config, embedding_output, attention_mask)
         encoded: TokenMergeOutput = self.encoder(embedding_output, attention_mask=attention_mask, **kwargs)
         sequence_output = self.layernorm(encoded.last_hidden_state)
         return TokenMergeOutput(

@@ -6,6 +6,7 @@
     hf-tome search --targets 0.7 0.55 # prune + merge rates under FLOPs targets -> budget table in the config
     hf-tome compress --target 0.75   # few-shot DC-ViT block compression on 500 unlabeled images
     hf-tome build-default             # only build (or locate) the embedded default model
+    hf-tome export onnx --model PATH --tome-r 16 OUT/   # ONNX in Optimum's layout, dynamic batch axis
     hf-tome --version
 
 Building the parser imports no torch or transformers (the subcommands' options come from
@@ -26,6 +27,7 @@ from hf_tome_server.options import add_serve_arguments
 from hf_tome.budgets.options import add_search_arguments
 from hf_tome.core.cli_help import DefaultsHelpFormatter
 from hf_tome.dcvit.options import add_compress_arguments
+from hf_tome.export.options import add_export_arguments
 
 
 def _add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -118,6 +120,20 @@ def _run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(subparsers) -> None:
+    parser = _add_parser(subparsers, "export", "export a merged model (ToMe, prune + merge, DC-ViT) to ONNX in "
+                         "Optimum's layout, with a dynamic batch axis (also `optimum-cli export hf-tome`)")
+    add_export_arguments(parser)
+    parser.set_defaults(run=_run_export, extra="export")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from hf_tome.export.onnx import run_export
+    from hf_tome.export.options import options_from_args
+
+    return run_export(options_from_args(args))
+
+
 def version() -> str:
     """The installed distribution's version, or ``hf_tome.__version__`` when running from a source tree."""
     try:
@@ -134,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hf-tome {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_bench, _add_serve, _add_search, _add_compress, _add_build_default):
+    for add in (_add_bench, _add_serve, _add_search, _add_compress, _add_build_default, _add_export):
         add(subparsers)
     return parser
 

@@ -1,20 +1,22 @@
-"""Model cards of compressed models, rendered from the templates in ``model_cards/``, and pushing to the Hub.
+"""Model cards of compressed models, rendered from ``model_cards/dc-vit.md``, and sharing them.
 
 Everything a card says comes from ``config.block_compression`` (method, budget, samples, measured accuracy and
-speed), so a card can be rebuilt from a saved model alone.
+speed), so a card can be rebuilt from a saved model alone. The tags and the two ways to load the model are
+``hf_tome.hub.card``'s; saving and pushing go through ``hf_tome.hub.publish``, which writes the remote code that
+rebuilds the slim blocks in plain transformers (``trust_remote_code=True``) and this card.
 """
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from hf_tome.dcvit.blocks import CONFIG_KEY, compressed_layers_from_config
+from hf_tome.hub.card import base_model_id, card_tags, template_path, usage_section
+from hf_tome.hub.publish import push_to_hub, save_for_hub, supports_remote_code
 
 _METHODS = {
     "dc-vit": ("DC-ViT (dense few-shot block compression)",
@@ -26,14 +28,6 @@ _METHODS = {
              "The blocks below were removed entirely (the identity), chosen by the same block trial and followed "
              "by the same feature-mimicking fine-tuning as DC-ViT."),
 }
-
-
-def template_path(name: str = "dc-vit.md") -> Path:
-    """The card template: ``model_cards/`` of the source tree, or the copy installed under ``<prefix>/share``."""
-    for folder in (Path(__file__).resolve().parents[2] / "model_cards", Path(sys.prefix) / "share/hf-tome/model_cards"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"model card template {name!r} not found: expected it in hf-tome's model_cards/ folder")
 
 
 def _measured_rows(measured: dict[str, Any]) -> str:
@@ -66,37 +60,28 @@ def render_model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard
                      f"{layers.get(index, 'all')} |" for index in range(num_layers))
     base_model = section.get("base_model", config.name_or_path or "the original model")
     full, gmacs = section.get("full_gmacs"), section.get("gmacs")
-    card_data = ModelCardData(library_name="transformers", tags=["hf-tome", method, "image-classification"],
-                              base_model=base_model if "/" in str(base_model) and not Path(base_model).exists()
-                              else None)
+    card_data = ModelCardData(library_name="transformers", tags=card_tags(model, method),
+                              base_model=base_model_id(model, str(base_model)))
     return ModelCard.from_template(
-        card_data, template_path=str(template_path()), model_name=repo_id or f"{base_model} ({title})",
+        card_data, template_path=str(template_path("dc-vit.md")), model_name=repo_id or f"{base_model} ({title})",
         base_model=base_model, method_title=title, method_description=description, block_rows=rows,
         macs_fraction=f"{gmacs / full:.1%}" if gmacs and full else "?", gmacs=f"{gmacs:.3f}" if gmacs else "?",
         full_gmacs=f"{full:.3f}" if full else "?", num_samples=section.get("num_samples", "?"),
         samples_source=section.get("samples_source", "unknown source"),
-        measured_rows=_measured_rows(section.get("measured", {})), repo_id=repo_id or "path/to/this/model",
+        measured_rows=_measured_rows(section.get("measured", {})),
+        usage=usage_section(model, repo_id, remote_code=supports_remote_code(model)),
     )
 
 
 def save_with_card(model: nn.Module, folder: str | Path, **save_kwargs: Any) -> Path:
-    """``model.save_pretrained(folder)`` plus ``README.md`` rendered from the template."""
-    folder = Path(folder)
-    model.save_pretrained(folder, **save_kwargs)
-    render_model_card(model).save(folder / "README.md")
-    return folder
+    """``model.save_pretrained(folder)`` plus the remote code, ``auto_map`` and this card (``hf_tome.hub``)."""
+    return save_for_hub(model, folder, **save_kwargs)
 
 
 def push_compressed_to_hub(model: nn.Module, repo_id: str, *, commit_message: str | None = None,
                            private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
                            create_pr: bool = False, extra_files: dict[str, Path] | None = None) -> Any:
-    """Create ``repo_id`` if needed and upload the model, its card and ``extra_files`` (e.g. the image processor)."""
-    api = HfApi(token=token if isinstance(token, str) else None)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        render_model_card(model, repo_id=repo_id).save(Path(tmp) / "README.md")
-        for name, path in (extra_files or {}).items():
-            (Path(tmp) / name).write_bytes(Path(path).read_bytes())
-        return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message or
-                                 "Upload model compressed with hf-tome", revision=revision, create_pr=create_pr)
+    """Create ``repo_id`` if needed and upload the model, its remote code, card and ``extra_files`` (e.g. the image
+    processor), through ``hf_tome.hub.publish.push_to_hub``."""
+    return push_to_hub(model, repo_id, commit_message=commit_message or "Upload model compressed with hf-tome",
+                       private=private, token=token, revision=revision, create_pr=create_pr, extra_files=extra_files)

@@ -166,13 +166,24 @@ def plan_for_call(loop_module: nn.Module, kwargs: dict, plan_type: type[Reductio
     return plan
 
 
+def bidirectional_mask(config, embeddings: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The attention mask of an encoder over ``embeddings``: None without a user mask, else transformers' own.
+
+    These encoders pad nothing, so no ``attention_mask`` means every token attends to every token: no mask at all.
+    ``create_bidirectional_mask`` returns None for that too, except under ``torch.export`` and ``torch.onnx.export``,
+    where it cannot inspect the mask and materialises an all-true one (which merged tokens would then refuse). A
+    mask the user gives still goes through it, and is still refused once tokens merge.
+    """
+    if attention_mask is None:
+        return None
+    return create_bidirectional_mask(config=config, inputs_embeds=embeddings, attention_mask=attention_mask)
+
+
 def encode_and_pool(model: nn.Module, embedding_output: torch.Tensor, attention_mask: torch.Tensor | None,
                     pool: Callable[[torch.Tensor], torch.Tensor | None], **kwargs) -> TokenMergeOutput:
     """The body of a ViT-style base model after its embeddings: the bidirectional mask, hf_tome's encoder loop
     over ``model.layers``, the final ``model.layernorm`` and ``pool`` on the normalised sequence."""
-    attention_mask = create_bidirectional_mask(
-        config=model.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-    )
+    attention_mask = bidirectional_mask(model.config, embedding_output, attention_mask)
     plan = plan_for_call(model, kwargs)
     hidden, size, positions, source = run_layers(model.layers, embedding_output, plan, attention_mask, **kwargs)
     sequence_output = model.layernorm(hidden)

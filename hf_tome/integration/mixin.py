@@ -11,7 +11,7 @@ from hf_tome.config import ToMeConfig
 from hf_tome.integration.flops import compute_report
 from hf_tome.integration.loading import load_patched
 from hf_tome.integration.patch import apply, tome_config_of
-from hf_tome.integration.registry import find_adapter, stock_class_of, structure_hooks
+from hf_tome.integration.registry import find_adapter, publishers, stock_class_of, structure_hooks
 
 
 class ToMeModelMixin:
@@ -63,8 +63,13 @@ class ToMeModelMixin:
         return compute_report(self, image_size)
 
     def save_pretrained(self, *args: Any, **kwargs: Any):
-        """Save exactly like the stock class (``architectures`` names it), with ``config.tome`` kept; a model with a
-        structure change (a DC-ViT compressed model) also writes that change's extra files (its model card)."""
+        """Save exactly like the stock class (``architectures`` names it), with ``config.tome`` kept, plus what the
+        publishers add (``hf_tome.hub``: the remote code ``modeling_hf_tome.py``, ``auto_map`` in config.json and the
+        model card README.md, so transformers alone loads the model merged with ``trust_remote_code=True``) and the
+        extra files of a structure change. ``push_to_hub=True`` saves, then uploads through :meth:`push_to_hub`."""
+        push = kwargs.pop("push_to_hub", False)
+        push_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token", "revision",
+                                                         "create_pr") if key in kwargs}
         patched_class = type(self)
         self.__class__ = find_adapter(self).reverse_map[patched_class]
         try:
@@ -72,15 +77,25 @@ class ToMeModelMixin:
         finally:
             self.__class__ = patched_class
         folder = args[0] if args else kwargs.get("save_directory")
-        if folder:
+        if folder and kwargs.get("is_main_process", True):  # distributed saves: one process writes, as transformers
+            folder = os.fspath(folder)
+            for publisher in publishers():
+                publisher.save_extras(self, folder)
             for hook in structure_hooks(self.config):
                 if hook.save_extras is not None:
-                    hook.save_extras(self, os.fspath(folder))
+                    hook.save_extras(self, folder)
+            if push:
+                repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(folder))
+                self.push_to_hub(repo_id, **push_kwargs)
         return saved
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
-        """transformers' ``push_to_hub``; a model with a structure change that uploads its own way (a DC-ViT
-        compressed model, with its model card) goes through that change's hook."""
+        """Upload the model with what :meth:`save_pretrained` writes (remote code, ``auto_map``, model card), through
+        the publisher that ``hf_tome.hub`` registers; without one, a structure change's own upload or transformers'
+        ``push_to_hub``."""
+        for publisher in publishers():
+            if publisher.push_to_hub is not None:
+                return publisher.push_to_hub(self, repo_id, **kwargs)
         for hook in structure_hooks(self.config):
             if hook.push_to_hub is not None:
                 return hook.push_to_hub(self, repo_id, **kwargs)

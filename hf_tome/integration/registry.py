@@ -68,8 +68,10 @@ class StructureHook:
         ``from_pretrained`` loads the saved weights into matching modules.
     slim_layers: ``{block index: kept MLP units}`` of the blocks that lost their attention: they reduce no tokens
         (no keys to match on) and their MACs are the slim MLP's.
-    save_extras: writes files beside ``save_pretrained``'s (e.g. a model card) into the given folder.
+    save_extras: writes files beside ``save_pretrained``'s into the given folder.
     push_to_hub: replaces ``push_to_hub`` for models carrying the change ``(model, repo_id, **kwargs)``.
+    model_card: ``(model, repo_id or None) -> huggingface_hub.ModelCard``, the card of a model carrying the change
+        (DC-ViT's names its blocks and measured figures), written instead of the generic one when it is shared.
     """
 
     config_key: str
@@ -77,10 +79,25 @@ class StructureHook:
     slim_layers: Callable[[nn.Module], dict[int, int]]
     save_extras: Callable[[nn.Module, str], None] | None = None
     push_to_hub: Callable[..., Any] | None = None
+    model_card: Callable[[nn.Module, str | None], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Publisher:
+    """What sharing an hf_tome model adds to transformers' files (``hf_tome.hub``: remote code, ``auto_map``, card).
+
+    save_extras: ``(model, folder)`` run after ``save_pretrained`` has written the model into ``folder``.
+    push_to_hub: ``(model, repo_id, **kwargs)`` replacing transformers' ``push_to_hub`` (None keeps it).
+    """
+
+    name: str
+    save_extras: Callable[[nn.Module, str], None]
+    push_to_hub: Callable[..., Any] | None = None
 
 
 _ADAPTERS: list[Adapter] = []
 _STRUCTURE_HOOKS: list[StructureHook] = []
+_PUBLISHERS: list[Publisher] = []
 _BUILTIN_PLUGINS: tuple[str, ...] = ()
 _builtins_loaded = False
 
@@ -115,6 +132,18 @@ def structure_hooks(config: Any) -> list[StructureHook]:
     return [hook for hook in _STRUCTURE_HOOKS if getattr(config, hook.config_key, None)]
 
 
+def register_publisher(publisher: Publisher) -> Publisher:
+    """Make ``save_pretrained``/``push_to_hub`` of hf_tome models write what ``publisher`` adds (one per name)."""
+    _PUBLISHERS[:] = [known for known in _PUBLISHERS if known.name != publisher.name] + [publisher]
+    return publisher
+
+
+def publishers() -> list[Publisher]:
+    """The registered publishers (the built-in plugins are imported first)."""
+    _load_builtins()
+    return list(_PUBLISHERS)
+
+
 def slim_layers(model: nn.Module) -> dict[int, int]:
     """``{block index: kept MLP units}`` of every block of ``model`` without attention (empty for most models)."""
     layers: dict[int, int] = {}
@@ -126,12 +155,13 @@ def slim_layers(model: nn.Module) -> dict[int, int]:
 def register_adapter(adapter: Adapter) -> Adapter:
     """Make a family patchable by ``hf_tome.apply``."""
     _ADAPTERS.append(adapter)
-    _share_checkpoint_conversions(adapter)
+    share_checkpoint_conversions(adapter.class_map)
     return adapter
 
 
-def _share_checkpoint_conversions(adapter: Adapter) -> None:
-    """Register the stock classes' checkpoint key conversions under the patched classes' names.
+def share_checkpoint_conversions(class_map: dict[type[nn.Module], type[nn.Module]]) -> None:
+    """Register the stock classes' checkpoint key conversions under the names of their subclasses in ``class_map``
+    (stock class -> subclass: the patched classes, the remote-code classes of ``hf_tome.hub``).
 
     transformers finds a model's key renames (4.x checkpoint names -> 5.x modules) by class name and skips classes
     defined outside ``transformers`` unless their name was registered, so a model patched before its weights are
@@ -145,7 +175,7 @@ def _share_checkpoint_conversions(adapter: Adapter) -> None:
         )
     except ImportError:  # a transformers release without class-name conversions has nothing to share
         return
-    for stock, patched in adapter.class_map.items():
+    for stock, patched in class_map.items():
         conversions = get_checkpoint_conversion_mapping(stock.__name__)
         if conversions is not None:
             register_checkpoint_conversion_mapping(patched.__name__, conversions, overwrite=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_tome.core.ops.exportable import scatter_into, stable_descending_order
+
 
 @dataclass
 class Matching:
@@ -39,7 +41,7 @@ class Matching:
         protected_b = self.protected // 2
         unmerged = set_a.gather(1, self.unmerged_a.expand(-1, -1, channels))
         sources = set_a.gather(1, self.merged_a.expand(-1, -1, channels))
-        set_b = set_b.scatter_reduce(1, self.destination_b.expand(-1, -1, channels), sources, reduce=reduce)
+        set_b = scatter_into(set_b, self.destination_b.expand(-1, -1, channels), sources, reduce)
         return torch.cat([x[:, : self.protected], unmerged, set_b[:, protected_b:]], dim=1)
 
     def new_positions(self, num_tokens: int) -> torch.Tensor:
@@ -83,8 +85,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) ->
         scores[:, :protected_a, :] = -torch.inf
         scores[:, :, :protected_b] = -torch.inf
         best_score, best_partner = scores.max(dim=-1)
-        # A stable sort keeps results independent of the rest of the batch even when scores tie.
-        order = best_score.argsort(dim=-1, descending=True, stable=True)[..., None]
+        # A stable order keeps results independent of the rest of the batch even when scores tie (and, unlike
+        # argsort(stable=True), exports to ONNX).
+        order = stable_descending_order(best_score)[..., None]
         merged_a = order[:, :r]
         # Protected A rows score -inf, so they sort last and are dropped after sorting by position.
         unmerged_a = order[:, r:].sort(dim=1).values[:, protected_a:]

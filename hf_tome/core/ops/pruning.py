@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_tome.core.ops.exportable import scatter_into, stable_descending_order
+
 
 def class_attention(query_cls: torch.Tensor, keys: torch.Tensor, scale: float,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,8 +49,9 @@ def rank_by_score(scores: torch.Tensor, protected: int) -> torch.Tensor:
     """Token indices [B, N] from most to least attended, with the protected prefix first in its own order."""
     batch, num_tokens = scores.shape
     prefix = torch.arange(protected, device=scores.device).expand(batch, -1)
-    # A stable sort makes the ranking of one image independent of the rest of the batch when scores tie.
-    rest = scores[:, protected:].argsort(dim=-1, descending=True, stable=True) + protected
+    # A stable order makes the ranking of one image independent of the rest of the batch when scores tie (and,
+    # unlike argsort(stable=True), exports to ONNX).
+    rest = stable_descending_order(scores[:, protected:]) + protected
     return torch.cat([prefix, rest], dim=1)
 
 
@@ -84,7 +87,7 @@ class PruneMerge:
         if self.merged.shape[1] == 0:
             return out
         sources = x.gather(1, self.merged[..., None].expand(-1, -1, channels))
-        return out.scatter_reduce(1, self.merged_into[..., None].expand(-1, -1, channels), sources, reduce=reduce)
+        return scatter_into(out, self.merged_into[..., None].expand(-1, -1, channels), sources, reduce)
 
     def new_positions(self, num_tokens: int) -> torch.Tensor:
         """For every input position, the output slot [B, num_tokens] that now holds it (pruned: the nearest)."""

@@ -1,0 +1,54 @@
+"""Exportable forms of two ops: a stable descending order (``argsort(stable=True)`` has no ONNX form) and the
+scatter that merges tokens.
+
+Pure tensor code. :func:`stable_descending_order` is ``argsort(descending=True, stable=True)`` when running, and
+:func:`descending_order` while a graph is being captured (``torch.export``, ``torch.onnx.export`` of either kind,
+``torch.jit.trace``): there the rank of each score is counted by comparisons, ties broken by position, so ranks are
+distinct integers and the order follows from one scatter. Both give the same indices for any input without NaN
+(-inf included), so an exported graph merges exactly the tokens the eager model merges. The comparisons cost
+``O(N^2)`` per row, small next to a layer's attention over the same N tokens, but more than a sort, hence eager
+mode keeps the sort.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def descending_rank(scores: torch.Tensor) -> torch.Tensor:
+    """Rank [B, N] of every score of ``scores`` [B, N] when sorted from high to low, ties by lower index first."""
+    num = scores.shape[-1]
+    # [b, i, j] is True where score j sorts before score i: higher, or equal with a lower index.
+    higher = scores[:, None, :] > scores[:, :, None]
+    index = torch.arange(num, device=scores.device)
+    earlier_tie = (scores[:, None, :] == scores[:, :, None]) & (index[None, :] < index[:, None])
+    return (higher | earlier_tie).sum(dim=-1)
+
+
+def descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices [B, N] that sort ``scores`` [B, N] from high to low; ties keep their order (a stable sort)."""
+    rank = descending_rank(scores)
+    index = torch.arange(scores.shape[-1], device=scores.device).expand_as(rank)
+    return torch.zeros_like(rank).scatter(1, rank, index)
+
+
+def capturing_graph() -> bool:
+    """True while ``torch.export``, ``torch.onnx.export`` (dynamo or TorchScript) or ``torch.jit.trace`` runs."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (is_exporting and is_exporting()))
+
+
+def stable_descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argsort(dim=-1, descending=True, stable=True)`` [B, N], in a form every exporter can write."""
+    if capturing_graph():
+        return descending_order(scores)
+    return scores.argsort(dim=-1, descending=True, stable=True)
+
+
+def scatter_into(target: torch.Tensor, index: torch.Tensor, sources: torch.Tensor, reduce: str) -> torch.Tensor:
+    """``target.scatter_reduce(1, index, sources, reduce)`` (``include_self``): sums as ``scatter_add``, which every
+    exporter writes as one ``ScatterElements(reduction="add")`` (the TorchScript exporter wraps ``scatter_reduce`` in
+    an ``If`` whose shapes onnxruntime mis-infers), other reductions (``"amax"``) as they are."""
+    if reduce == "sum":
+        return target.scatter_add(1, index, sources)
+    return target.scatter_reduce(1, index, sources, reduce=reduce)
