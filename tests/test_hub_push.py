@@ -167,7 +167,9 @@ def test_pipeline_given_a_saved_folder_warns_or_runs_merged(tmp_path, transforme
     _processor().save_pretrained(folder)
     with pytest.warns(UserWarning, match=r"saved by hf-tome with token merging r=8, but transformers\."
                                          r"AutoModelForImageClassification.from_pretrained loaded it as the stock "
-                                         r"ViTForImageClassification: token merging is off"):
+                                         r"ViTForImageClassification: token merging is off\. Load it with "
+                                         r"hf_tome.AutoModelForImageClassification.from_pretrained\(\.\.\.\), or pass "
+                                         r"trust_remote_code=True to run the modeling_hf_tome.py saved with it\.$"):
         plain = transformers.pipeline("image-classification", model=str(folder))
     assert type(plain.model) is transformers.ViTForImageClassification
     remote = transformers.pipeline("image-classification", model=str(folder), trust_remote_code=True)
@@ -230,3 +232,15 @@ def test_import_hf_tome_alone_makes_save_pretrained_write_the_hub_files(tmp_path
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert {"modeling_hf_tome.py", "README.md", "config.json"} <= {p.name for p in (tmp_path / "fresh").iterdir()}
     assert torch.load is not None and Path(tmp_path / "fresh" / "README.md").read_text().startswith("---")
+
+
+def test_the_warning_offers_remote_code_only_where_it_was_saved(tmp_path):
+    """Swin has no remote code: its warning names hf_tome's loader only."""
+    folder = tmp_path / "swin-tome"
+    with pytest.warns(UserWarning, match="saved without remote code"):
+        config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 1],
+                                         window_size=4, num_labels=3)
+        hf_tome.apply(transformers.SwinForImageClassification(config).eval(), r=2).save_pretrained(folder)
+    with pytest.warns(UserWarning, match=r"token merging is off\. Load it with hf_tome\.AutoModelForImageClassification"
+                                         r"\.from_pretrained\(\.\.\.\)\.$"):
+        transformers.AutoModelForImageClassification.from_pretrained(folder)

@@ -127,9 +127,12 @@ def merging_off_warning(model: Any, auto_class: str, source: Any) -> str | None:
         saved = f"token merging r={tome.get('r', 0)}"
     else:
         saved = "DC-ViT compressed blocks"
+    # Only families with remote code (ViT, DeiT, DINOv2) save an auto_map; the others can only load through hf_tome.
+    remote = (", or pass trust_remote_code=True to run the modeling_hf_tome.py saved with it"
+              if getattr(config, "auto_map", None) else "")
     return (f"{source} was saved by hf-tome with {saved}, but transformers.{auto_class}.from_pretrained loaded it "
             f"as the stock {type(model).__name__}: token merging is off. Load it with hf_tome.{auto_class}"
-            f".from_pretrained(...), or pass trust_remote_code=True to run the modeling_hf_tome.py saved with it.")
+            f".from_pretrained(...){remote}.")
 
 
 def _names(values: Any) -> list[str]:
