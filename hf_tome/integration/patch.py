@@ -33,7 +33,11 @@ def build_plan(model: nn.Module, config: ToMeConfig | None = None, **overrides: 
     :func:`apply` (a budget selects its table row; unknown fields raise ``ValueError``).
     """
     model = unwrap_compiled(model)
-    config = _resolved_config(model, config, overrides)
+    return _plan_of(model, _resolved_config(model, config, overrides))
+
+
+def _plan_of(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
+    """:func:`build_plan` of a config whose budget is already resolved to kept counts."""
     adapter = find_adapter(model)
     _check_extra_keys(config, adapter)
     if config.prune_kept is not None and not adapter.supports_pruning:
@@ -133,7 +137,7 @@ def apply(model: nn.Module, config: ToMeConfig | None = None, **overrides: Any) 
     compiled, model = model, unwrap_compiled(model)
     adapter = find_adapter(model)
     config = _resolved_config(model, config, overrides)
-    plan = build_plan(model, config)  # validates against the model before anything is changed
+    plan = _plan_of(model, config)  # validates against the model before anything is changed
     for module in model.modules():
         replacement = adapter.class_map.get(type(module))
         if replacement is not None:
