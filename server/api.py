@@ -1,8 +1,10 @@
 """The LitServe API: image classification with hf_tome under named, fixed token budgets.
 
 Requests arrive validated, decoded and preprocessed (see :mod:`hf_tome_server.guard`): each carries its image's
-``pixel_values`` (float32, base64), its budget's name and ``top_k``, so the inference worker only stacks tensors
-and runs the model. A batch may mix budgets;
+pixels (base64; uint8 after the processor's resize and crop, which the worker rescales and normalises for the
+whole batch at once, or finished float32 ``pixel_values`` for processors that cannot be split, see
+:mod:`hf_tome_server.pixels`), its budget's name and ``top_k``, so the inference worker only stacks tensors and
+runs the model. A batch may mix budgets;
 ``predict`` splits it into one forward pass per budget, so requests with different budgets never share a
 forward pass and every pass has the same token count per layer for all its images. Each pass runs its budget's
 reduction plan, built once at start-up, as ``model(..., tome_plan=plan)``: the model is patched once in ``setup``
@@ -25,6 +27,9 @@ import hf_tome
 
 from .budgets import Budget, parse_budgets
 from .errors import sanitize
+from .pixels import split_normalization
+
+_PIXEL_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
 
 
 @dataclass
@@ -57,6 +62,8 @@ class ImageClassificationAPI(ls.LitAPI):
         self.model = hf_tome.AutoModelForImageClassification.from_pretrained(self.model_name).eval()
         self.processor = AutoImageProcessor.from_pretrained(self.model_name)
         probe = self.processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
+        # the same decision, on the same probe, as the HTTP process's Preparer: uint8 requests are normalised here
+        self.normalization = split_normalization(self.processor)
         # One plan per budget, built here and only here; predict hands them to the forward.
         self.budgets: dict[str, Budget] = parse_budgets(self.model, self.budget_specs, tuple(probe.shape[-2:]))
         # Patched once, with the default (first) budget as the model's own plan; requests never re-patch it.
@@ -75,7 +82,10 @@ class ImageClassificationAPI(ls.LitAPI):
         # The guard has validated and preprocessed the request; still never raise here (one raise fails the batch).
         try:
             shape = tuple(int(size) for size in request["shape"])
-            pixels = torch.frombuffer(bytearray(base64.b64decode(request["pixels"])), dtype=torch.float32)
+            dtype = _PIXEL_DTYPES[request.get("dtype", "float32")]
+            if dtype == torch.uint8 and self.normalization is None:
+                raise ValueError("uint8 pixels, but this worker's processor cannot be split")
+            pixels = torch.frombuffer(bytearray(base64.b64decode(request["pixels"])), dtype=dtype)
             if request["budget"] not in self.budgets:
                 raise ValueError(f"unknown budget {request['budget']!r}")
             return _Decoded(pixels.reshape(shape), request["budget"], int(request["top_k"]))
@@ -95,14 +105,16 @@ class ImageClassificationAPI(ls.LitAPI):
         groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         for index, item in enumerate(batch):
             if item.error is None:  # one forward per budget (and per input shape, for processors that vary it)
-                groups.setdefault((item.budget, tuple(item.pixels.shape)), []).append(index)
-        for (budget_name, _), indices in groups.items():
+                key = (item.budget, tuple(item.pixels.shape), item.pixels.dtype)
+                groups.setdefault(key, []).append(index)
+        for (budget_name, _, pixel_dtype), indices in groups.items():
             budget = self.budgets[budget_name]
-            pixel_values = torch.stack([batch[i].pixels for i in indices])
+            pixels = torch.stack([batch[i].pixels for i in indices]).to(self.device)
             start = time.perf_counter()
             with torch.inference_mode():
-                logits = self.forward(pixel_values=pixel_values.to(self.device, self.dtype),
-                                      tome_plan=budget.plan).logits
+                if pixel_dtype == torch.uint8:  # rescale + normalise the whole batch (on the device: 1/4 the copy)
+                    pixels = self.normalization.apply(pixels)
+                logits = self.forward(pixel_values=pixels.to(self.dtype), tome_plan=budget.plan).logits
                 probabilities = logits.float().softmax(-1).cpu()  # on a GPU, waits for the forward to end
             forward_ms = 1000 * (time.perf_counter() - start)
             for row, index in enumerate(indices):

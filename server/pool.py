@@ -2,7 +2,8 @@
 
 :class:`Preparer` turns a request body into the canonical payload the inference worker runs: it parses and
 validates the fields (:mod:`.parse`), decodes the image (:mod:`.decode`) and runs the model's image processor, so
-the worker gets ready ``pixel_values`` (float32, base64) and never touches client bytes. :class:`DecodePool` runs
+the worker gets ready pixels (base64: uint8 for the worker to rescale and normalise in one batched step where that
+is exact, see :mod:`.pixels`, else float32 ``pixel_values``) and never touches client bytes. :class:`DecodePool` runs
 it in ``workers`` threads (or processes) and admits at most ``queue`` requests beyond those being decoded; past
 that it answers 503 with ``Retry-After`` at once instead of queueing without bound.
 
@@ -22,23 +23,31 @@ import os
 import threading
 from typing import Any
 
+import numpy as np
+
 from .decode import decode_image
 from .errors import RequestError, sanitize
 from .options import SERVE_DECODE_QUEUE, SERVE_DECODE_WORKERS
 from .parse import Limits, parse_body, validate
+from .pixels import split_normalization
 
 
 class Preparer:
-    """Picklable: ``preparer(body, content_type)`` -> ``{"pixels", "shape", "budget", "top_k"}`` or RequestError."""
+    """Picklable: ``preparer(body, content_type)`` -> ``{"pixels", "shape", "dtype", "budget", "top_k"}``.
+
+    ``dtype`` is ``"uint8"`` when the processor's rescale and normalize steps can be left to the worker exactly
+    (:func:`~hf_tome_server.pixels.split_normalization`), else ``"float32"`` (finished ``pixel_values``).
+    """
 
     def __init__(self, processor: Any, budgets: list[str], limits: Limits) -> None:
         self.processor, self.budgets, self.limits = processor, list(budgets), limits
+        self.normalization = split_normalization(processor)
 
     def __call__(self, body: bytes, content_type: str) -> dict:
         fields = validate(parse_body(body, content_type), self.budgets, self.limits)
         pixels = self.pixel_values(decode_image(fields.image, self.limits.max_pixels))
         return {"pixels": base64.b64encode(pixels.tobytes()).decode("ascii"), "shape": list(pixels.shape),
-                "budget": fields.budget, "top_k": fields.top_k}
+                "dtype": str(pixels.dtype), "budget": fields.budget, "top_k": fields.top_k}
 
     def encoded(self, body: bytes, content_type: str) -> tuple[str, bytes]:
         """The budget's name and the payload as a JSON body (encoded here too, not on the event loop)."""
@@ -46,8 +55,13 @@ class Preparer:
         return payload["budget"], json.dumps(payload).encode()
 
     def pixel_values(self, image: Any) -> Any:
-        """The processor's float32 ``pixel_values`` of one RGB image, as a C-contiguous (C, H, W) numpy array."""
+        """One RGB image as a C-contiguous (C, H, W) numpy array: the processor's float32 ``pixel_values``, or its
+        uint8 geometric output when the worker normalises (``self.normalization``)."""
         try:
+            if self.normalization is not None:
+                batch = self.processor(images=image, return_tensors="np", input_data_format="channels_last",
+                                       do_rescale=False, do_normalize=False)
+                return np.ascontiguousarray(batch["pixel_values"][0], dtype=np.uint8)
             batch = self.processor(images=image, return_tensors="pt", input_data_format="channels_last")
             return batch["pixel_values"][0].float().contiguous().numpy()
         except MemoryError:

@@ -1,9 +1,10 @@
 """Fuzzing the request guard in process: any body, any image bytes -> one JSON answer, never a 5xx, always counted.
 
 The guard (:class:`hf_tome_server.guard.RequestGuard`) runs here with the real parser, decoder, image processor
-and decode pool, in front of a stand-in for LitServe that checks the canonical payload it is handed (a finite
-float32 ``(3, 32, 32)`` tensor, a served budget, a valid ``top_k``) and answers 200. Seeded, so every run sends the
-same requests: images of every format Pillow writes (mutated by byte flips, truncation, splicing, insertion,
+and decode pool, in front of a stand-in for LitServe that checks the canonical payload it is handed (a
+``(3, 32, 32)`` uint8 tensor that normalises to finite values, a served budget, a valid ``top_k``) and answers
+200. Seeded, so every run sends the same requests: images of every format Pillow writes (mutated by byte flips,
+truncation, splicing, insertion,
 repetition and zeroing), random and mutated JSON bodies, and mutated multipart bodies, plus curated pathological
 cases with the exact error each must get. tests/test_server.py sends a sample of the same requests to the real
 server.
@@ -22,11 +23,13 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 import transformers as T
 from hf_tome_server.decode import FORMATS
 from hf_tome_server.guard import RequestGuard
 from hf_tome_server.metrics import ServerMetrics
 from hf_tome_server.parse import Limits
+from hf_tome_server.pixels import split_normalization
 from hf_tome_server.pool import Preparer
 from PIL import Image
 
@@ -36,6 +39,8 @@ LIMITS = Limits(max_body_bytes=400_000, max_pixels=250_000)
 # what an answer or a log line must not hold: a memory address, a file-system path, a traceback
 LEAK = re.compile(r"(?<![0-9A-Za-z])0x[0-9a-fA-F]{4,}|/(?:root|tmp|home|usr|work|proc)\b|site-packages|\.py\b"
                   r"|Traceback")
+PROCESSOR = T.ViTImageProcessor(size={"height": 32, "width": 32})
+NORMALIZATION = split_normalization(PROCESSOR)
 OK_STATUSES = {200, 400, 405, 408, 413, 422}
 # Pillow warns about damaged files and huge headers, as it should (the server silences both: its answers say it)
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -43,7 +48,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 
 
 def make_guard(metrics: ServerMetrics | None = None, app=None, **options) -> RequestGuard:
-    preparer = Preparer(T.ViTImageProcessor(size={"height": 32, "width": 32}), BUDGETS, LIMITS)
+    preparer = Preparer(PROCESSOR, BUDGETS, LIMITS)
+    assert preparer.normalization is not None  # ViT's processor splits: the worker gets uint8
     options = {"decode_workers": 2, "decode_queue": 100_000, "read_timeout": 5.0} | options
     return RequestGuard(app or stand_in, ("/predict",), preparer, metrics or ServerMetrics(), **options)
 
@@ -55,7 +61,9 @@ async def stand_in(scope, receive, send) -> None:
         message = await receive()
         body, more = body + message.get("body", b""), message.get("more_body", False)
     payload = json.loads(body)
-    pixels = np.frombuffer(base64.b64decode(payload["pixels"]), np.float32).reshape(payload["shape"])
+    assert payload["dtype"] == "uint8"
+    pixels = np.frombuffer(base64.b64decode(payload["pixels"]), np.uint8).reshape(payload["shape"])
+    pixels = NORMALIZATION.apply(torch.from_numpy(pixels.copy())[None])[0].numpy()
     assert pixels.shape == (3, 32, 32) and np.isfinite(pixels).all() and np.abs(pixels).max() <= 1.0 + 1e-6
     assert payload["budget"] in BUDGETS and 1 <= payload["top_k"] <= LIMITS.max_top_k
     answer = json.dumps({"labels": [], "budget": {"name": payload["budget"]}, "batch_size": 1}).encode()
