@@ -48,6 +48,7 @@ class ServerOptions:
     dtype: str = "float32"
     device: str = "auto"
     compile: bool = False
+    fast_queue: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int | None = None
@@ -113,7 +114,7 @@ def build_server(options: ServerOptions) -> ls.LitServer:
     metadata = {"model": model_display_name(options.model), "budgets": options.budgets, "device": device,
                 "dtype": options.dtype, "compile": options.compile}
     server = ls.LitServer(api, accelerator=device, timeout=options.timeout, middlewares=[guard],
-                          model_metadata=metadata)
+                          model_metadata=metadata, fast_queue=options.fast_queue)
 
     async def metrics_endpoint() -> dict:
         return metrics.snapshot() | {"max_batch_size": options.max_batch_size,
@@ -143,8 +144,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         raise ValueError(f"--max-batch-size={args.max_batch_size} is invalid: expected an integer >= 1")
     return ServerOptions(model=args.model, budgets=args.budgets or list(DEFAULT_BUDGET_SPECS),
                          max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, dtype=args.dtype,
-                         device=args.device, compile=args.compile, host=args.host, port=args.port,
-                         threads=args.threads,
+                         device=args.device, compile=args.compile, fast_queue=args.fast_queue, host=args.host,
+                         port=args.port, threads=args.threads,
                          limits=Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels),
                          decode_workers=args.decode_workers, decode_queue=args.decode_queue,
                          decode_pool=args.decode_pool, read_timeout=args.read_timeout,

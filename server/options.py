@@ -49,6 +49,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the model; auto: bfloat16 where the CPU/GPU runs it natively")
     parser.add_argument("--compile", action="store_true",
                         help="run the model through torch.compile (compiles each budget at start-up: slow)")
+    parser.add_argument("--fast-queue", action="store_true",
+                        help="LitServe's ZeroMQ transport for the worker's answers, instead of its manager queues")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the inference worker "

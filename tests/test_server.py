@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,18 @@ def test_unbatched_server_answers_and_refuses_bad_input(served) -> None:
         assert response.json()["batch_size"] == 1
         assert [entry["label"] for entry in response.json()["labels"]] == _library_top(folder, image, 6, 2)[0]
         assert _predict_json(url, b"not an image").status_code == 400
+
+
+def test_the_zeromq_transport_answers_as_the_default_one(served) -> None:
+    url, folder = served
+    images = [_png(seed) for seed in (7, 8, 9)]
+    expected = [_predict_json(url, image, budget="fast", top_k=2).json()["labels"] for image in images]
+    for fast_url in _serve(folder, 8, "--fast-queue", log_name="server-fast-queue.log"):
+        with ThreadPoolExecutor(3) as pool:  # concurrent, so that they can share a batch
+            answers = list(pool.map(partial(_predict_json, fast_url, budget="fast", top_k=2), images))
+        assert [answer.status_code for answer in answers] == [200, 200, 200]
+        assert [answer.json()["labels"] for answer in answers] == expected
+        assert _predict_json(fast_url, b"not an image").status_code == 400
 
 
 def _predict_json(url: str, image: bytes, **fields) -> requests.Response:

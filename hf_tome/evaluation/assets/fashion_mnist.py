@@ -13,10 +13,12 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow as pa
+
+if TYPE_CHECKING:
+    import datasets
 
 FASHION_MNIST_DIR: Path = Path(os.environ.get("HF_TOME_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 """Default folder holding the idx files; set ``HF_TOME_FASHION_MNIST_DIR`` to read them from elsewhere."""
@@ -126,6 +128,8 @@ def _encode_grayscale_pngs(images: np.ndarray) -> list[bytes]:
 
 def fashion_mnist_features() -> datasets.Features:
     """Return the features of :func:`load_fashion_mnist`: an ``Image`` column and a named ``ClassLabel``."""
+    import datasets
+
     return datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(FASHION_MNIST_LABELS))}
     )
@@ -170,6 +174,28 @@ def load_fashion_mnist(
         FileNotFoundError: If the idx files are missing (the message says how to install them).
         ValueError: On an unknown split, a negative limit, or malformed / mismatched idx files.
     """
+    import datasets
+    import pyarrow as pa
+
+    pngs, labels = fashion_mnist_pngs(split, limit, root)
+    # Arrow arrays in the Image feature's storage layout ({bytes, path}) skip the per-row Python encoding that
+    # from_dict would otherwise run on 60k dicts, roughly halving the build time.
+    image_column = pa.StructArray.from_arrays(
+        [pa.array(pngs, type=pa.binary()), pa.nulls(len(pngs), type=pa.string())], names=["bytes", "path"]
+    )
+    label_column = pa.array(labels.astype(np.int64))
+    return datasets.Dataset.from_dict(
+        {"image": image_column, "label": label_column},
+        features=fashion_mnist_features(),
+        split=datasets.NamedSplit(split),
+    )
+
+
+def fashion_mnist_pngs(
+    split: str = "train", limit: int | None = None, root: str | os.PathLike[str] | None = None
+) -> tuple[list[bytes], np.ndarray]:
+    """A split's images as PNG files (bytes) and its labels, read and checked as :func:`load_fashion_mnist` does,
+    without building a dataset (so without the ``datasets`` library)."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     image_path, label_path = _split_files(split, Path(root) if root is not None else FASHION_MNIST_DIR)
@@ -184,15 +210,4 @@ def load_fashion_mnist(
     if limit is not None:
         # Slice before encoding so a small limit stays cheap.
         images, labels = images[:limit], labels[:limit]
-    pngs = _encode_grayscale_pngs(images)
-    # Arrow arrays in the Image feature's storage layout ({bytes, path}) skip the per-row Python encoding that
-    # from_dict would otherwise run on 60k dicts, roughly halving the build time.
-    image_column = pa.StructArray.from_arrays(
-        [pa.array(pngs, type=pa.binary()), pa.nulls(len(pngs), type=pa.string())], names=["bytes", "path"]
-    )
-    label_column = pa.array(labels.astype(np.int64))
-    return datasets.Dataset.from_dict(
-        {"image": image_column, "label": label_column},
-        features=fashion_mnist_features(),
-        split=datasets.NamedSplit(split),
-    )
+    return _encode_grayscale_pngs(images), labels
