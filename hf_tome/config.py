@@ -13,6 +13,12 @@ from typing import Any
 MERGE_MATCHES = ("class_attention", "bipartite")
 """How the merge step of unified compression picks what to merge (see ``ToMeConfig.merge_match``)."""
 
+MERGE_RULES = ("bipartite", "pitome")
+"""Which tokens a bipartite merge step merges (see ``ToMeConfig.merge_rule``)."""
+
+MERGE_MODES = ("mean", "mlerp")
+"""How a merged group's hidden state is formed (see ``ToMeConfig.merge_mode``)."""
+
 
 def _invalid(field_name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"ToMeConfig.{field_name}={value!r} is invalid: expected {allowed}")
@@ -61,7 +67,9 @@ class ToMeConfig:
         prop_attn: add ``log(size)`` of each key token to the attention logits (proportional attention).
         trace_source: track which original patches every token holds (needed for visualisation).
         prune_kept: per-layer number of tokens kept after pruning by class attention (unified compression).
-        merge_kept: per-layer number of tokens kept after merging (unified compression).
+        merge_kept: per-layer number of tokens kept after merging (unified compression). Block 0 is left alone
+            when ``prune_kept[0] == merge_kept[0]`` is the number of tokens entering the model (the patent's rule);
+            smaller counts compress it too.
         merge_match: how unified compression picks what to merge: ``"class_attention"`` (the tokens ranked
             between ``merge_kept`` and ``prune_kept`` by class attention go into their most similar kept token)
             or ``"bipartite"`` (ToMe's bipartite soft matching on the tokens that survive pruning; at most half
@@ -69,6 +77,16 @@ class ToMeConfig:
         budget_table: rows ``{"gflops", "prune_kept", "merge_kept", "accuracy"}`` found by a rate search (and
             ``"merge_match"`` where the row does not use class attention).
         budget: the FLOPs budget (GFLOPs, or a fraction of the full model's) picked from ``budget_table``.
+        extra: family-specific settings (e.g. Swin's ``"swin_stage_r"``); keys the family does not read are refused.
+        merge_rule: which ``r`` tokens a merge step merges, wherever ToMe's bipartite soft matching would run (the r
+            schedule, and ``merge_match="bipartite"`` after pruning): ``"bipartite"`` (ToMe: set A = even, set B =
+            odd positions, the r most similar pairs merge) or ``"pitome"`` (PiToMe: the 2r tokens of highest
+            energy on the keys' cosine-similarity graph split alternately into A and B, all of A merges into B;
+            isolated, low-energy tokens are never merged). Both remove exactly r tokens per layer.
+        merge_mode: how a merged group's hidden state is formed: ``"mean"`` (ToMe's size-weighted mean) or
+            ``"mlerp"`` (ToFu's MLERP: the size-weighted mean direction, rescaled to the size-weighted mean of the
+            members' norms). Sizes and sources are summed either way. Applies to every hard merge (ToMe's, PiToMe's
+            and prune + merge's).
     """
 
     r: int | tuple[int, float] | list[int] = 0  # a tuple is stored as r and inflect
@@ -81,6 +99,9 @@ class ToMeConfig:
     budget_table: list[dict[str, Any]] | None = None
     budget: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Last, so positional arguments keep their meaning.
+    merge_rule: str = "bipartite"
+    merge_mode: str = "mean"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ToMeConfig:
         # Checked before the dataclass __init__, which would raise a bare TypeError for an unknown keyword.
@@ -139,14 +160,14 @@ class ToMeConfig:
             for depth, (pruned, merged) in enumerate(zip(self.prune_kept, self.merge_kept, strict=True)):
                 if merged > pruned:
                     raise _invalid("merge_kept", self.merge_kept, f"<= prune_kept at every layer (layer {depth})")
-            if self.merge_kept[0] != self.prune_kept[0]:
-                raise _invalid("merge_kept", self.merge_kept,
-                               f"merge_kept[0] == prune_kept[0] = {self.prune_kept[0]} (block 0 is never compressed; "
-                               "its count is the number of tokens entering the model)")
             if self.uses_merging_schedule:
                 raise _invalid("r", self.r, "0 when prune_kept/merge_kept are given (one reducer per model)")
         if self.merge_match not in MERGE_MATCHES:
             raise _invalid("merge_match", self.merge_match, " or ".join(repr(m) for m in MERGE_MATCHES))
+        if self.merge_rule not in MERGE_RULES:
+            raise _invalid("merge_rule", self.merge_rule, " or ".join(repr(m) for m in MERGE_RULES))
+        if self.merge_mode not in MERGE_MODES:
+            raise _invalid("merge_mode", self.merge_mode, " or ".join(repr(m) for m in MERGE_MODES))
         if self.budget_table is not None:
             if not isinstance(self.budget_table, list) or not all(
                 isinstance(row, dict) and {"gflops", "prune_kept", "merge_kept"} <= row.keys()

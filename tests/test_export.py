@@ -106,12 +106,12 @@ def _onnx_differences(path: Path, model) -> dict[int, float]:
     return differences
 
 
-def _check_family(family: str, r: int, exporter: str, tmp_path: Path) -> None:
+def _check_family(family: str, r: int, exporter: str, tmp_path: Path, **options) -> None:
     build, _ = FAMILIES[family]
-    model = hf_tome.apply(build(), r=r)
+    model = hf_tome.apply(build(), r=r, **options)
     result = export_onnx(model, tmp_path, exporter=exporter, validate=False)
     differences = _onnx_differences(result.onnx_file, model)
-    print(f"{family} r={r} {exporter}: {differences}")
+    print(f"{family} r={r} {options} {exporter}: {differences}")
     assert max(differences.values()) <= ATOL, differences
 
 
@@ -195,6 +195,11 @@ def test_hf_tome_export_onnx_writes_optimum_layout(tmp_path):
 @pytest.mark.parametrize("family", ["vit", "vit-base", "deit", "dinov2", "ast", "whisper"])
 def test_families_export_with_the_torchscript_exporter(family, tmp_path):
     _check_family(family, FAMILIES[family][1][1], "torchscript", tmp_path)
+
+
+@pytest.mark.parametrize("family", ["vit", "deit"])
+def test_pitome_and_mlerp_export_with_the_torchscript_exporter(family, tmp_path):
+    _check_family(family, FAMILIES[family][1][1], "torchscript", tmp_path, merge_rule="pitome", merge_mode="mlerp")
 
 
 def _budget_vit(folder: Path) -> Path:

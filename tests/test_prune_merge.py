@@ -176,9 +176,6 @@ def test_macs_match_the_formula_by_hand():
      r"ToMeConfig.prune_kept=\[65, 50, 55, 30\] is invalid: expected .*non-increasing with depth \(layer 2 keeps 55"),
     ({"prune_kept": [65, 50, 40, 30], "merge_kept": [65, 55, 30, 20]},
      r"ToMeConfig.merge_kept=\[65, 55, 30, 20\] is invalid: expected <= prune_kept at every layer \(layer 1\)"),
-    ({"prune_kept": [65, 50, 40, 30], "merge_kept": [60, 45, 30, 20]},
-     r"ToMeConfig.merge_kept=\[60, 45, 30, 20\] is invalid: expected merge_kept\[0\] == prune_kept\[0\] = 65 "
-     r"\(block 0 is never compressed"),
     ({"prune_kept": [65, 50, 40, 30], "merge_kept": [65, 45, 30, 0]},
      r"ToMeConfig.merge_kept=\[65, 45, 30, 0\] is invalid: expected a non-empty list of positive ints"),
     ({"r": 4, "prune_kept": [65, 50, 40, 30], "merge_kept": [65, 45, 30, 20]},
@@ -292,7 +289,7 @@ def test_search_space_candidates_sit_in_their_buckets():
     assert len(candidates) == 40 and {c.target for c in candidates} == {0, 1}
     for candidate in candidates:
         config = hf_tome.ToMeConfig(prune_kept=list(candidate.prune_kept), merge_kept=list(candidate.merge_kept))
-        assert config.prune_kept[0] == 66 and min(config.merge_kept) >= space.min_kept
+        assert config.prune_kept[0] <= 66 and min(config.merge_kept) >= space.min_kept  # block 0 may be compressed
         target = targets[candidate.target]
         assert 0.95 * target <= candidate.gmacs <= target
         assert candidate.gmacs == pytest.approx(hf_tome.compute_report(hf_tome.apply(model, config)).gmacs)
@@ -333,7 +330,8 @@ def test_search_end_to_end_writes_the_table(method, tiny_classifier_and_data, tm
     fractions = [row["fraction"] for row in payload["rows"]]
     assert len(fractions) == 3 and fractions[-1] == 1.0 and fractions[0] <= 0.6 and fractions[1] <= 0.8
     if method == "random":
-        assert [stage["evaluated"] for stage in payload["log"]["stages"]] == [6, 4]
+        seeds = payload["log"]["schedule"]["tome_seeds"]  # ToMe's schedules join the last stage
+        assert seeds and [stage["evaluated"] for stage in payload["log"]["stages"]] == [6, 4 + len(seeds)]
     assert {row["r"] for row in payload["tome_baseline"]}
     loaded = hf_tome.AutoModelForImageClassification.from_pretrained(out / "model", tome_budget=0.8)
     assert loaded.tome_config.budget_table == payload["rows"]

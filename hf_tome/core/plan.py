@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_tome.core.ops.pitome import pitome_margin
+
 
 @dataclass(frozen=True)
 class SoftKept:
@@ -38,6 +40,19 @@ class HardKept:
     merge_match: str = "class_attention"
 
 
+@dataclass(frozen=True)
+class LayerMerge:
+    """How one layer merges, when it is not ToMe's default (bipartite matching, size-weighted mean).
+
+    rule: ``"bipartite"`` or ``"pitome"`` (see ``ToMeConfig.merge_rule``); mode: ``"mean"`` or ``"mlerp"`` (see
+    ``ToMeConfig.merge_mode``); margin: PiToMe's energy margin at this layer's depth (unused by ``"bipartite"``).
+    """
+
+    rule: str = "bipartite"
+    mode: str = "mean"
+    margin: float = 0.0
+
+
 LayerKept = HardKept | SoftKept
 """What :func:`run_layers` hands a layer as ``tome_kept``: a :class:`HardKept` or a :class:`SoftKept`."""
 
@@ -53,8 +68,12 @@ class ReductionPlan:
 
     ``layer_r`` drives ToMe merging. ``prune_kept``/``merge_kept`` (unified compression, one count per layer)
     or ``soft_kept`` (the differentiable search) switch a layer to prune-then-merge by class attention; the
-    first layer is never compressed. Adapters that support them accept a ``tome_kept`` keyword (see
-    :func:`run_layers`); adapters that do not are never handed one.
+    first layer too, when its counts are below the tokens entering the model. Adapters that support them accept
+    a ``tome_kept`` keyword (see :func:`run_layers`); adapters that do not are never handed one.
+
+    ``merge_rule`` and ``merge_mode`` (``ToMeConfig``'s fields of the same names) reach a layer as a
+    :class:`LayerMerge` keyword ``tome_merge`` (:meth:`merge_for_layer`), only when one differs from ToMe's default,
+    so layers that do not take it see nothing new under the defaults.
     """
 
     layer_r: tuple[int, ...]
@@ -65,6 +84,8 @@ class ReductionPlan:
     merge_kept: tuple[int, ...] | None = None
     soft_kept: tuple[SoftKept | None, ...] | None = None
     merge_match: str = "class_attention"
+    merge_rule: str = "bipartite"
+    merge_mode: str = "mean"
 
     def __post_init__(self) -> None:
         for name in ("layer_r", "prune_kept", "merge_kept", "soft_kept"):
@@ -78,12 +99,16 @@ class ReductionPlan:
 
     def kept_for_layer(self, index: int) -> LayerKept | None:
         """The ``tome_kept`` argument of layer ``index`` (None: plain ToMe with ``layer_r[index]``)."""
-        if index == 0:  # block 0 is never compressed
-            return None
+        # Block 0 is compressed only when its counts are below the tokens entering the model (the patent's rule
+        # leaves it alone: counts equal to the input's, which reduce nothing).
         if self.soft_kept is not None:
             return self.soft_kept[index]
         if self.prune_kept is not None:
             return HardKept(self.prune_kept[index], self.merge_kept[index], self.merge_match)
         return None
 
-
+    def merge_for_layer(self, index: int) -> LayerMerge | None:
+        """The ``tome_merge`` argument of layer ``index`` (None: ToMe's bipartite matching and mean)."""
+        if self.merge_rule == "bipartite" and self.merge_mode == "mean":
+            return None
+        return LayerMerge(self.merge_rule, self.merge_mode, pitome_margin(index, self.num_layers))

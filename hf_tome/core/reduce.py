@@ -1,8 +1,9 @@
 """The two token reducers a layer calls after its attention, and the size bookkeeping they share.
 
 ToMe merging of ``r`` tokens (:func:`reduce_tokens`), or pruning by class attention followed by merging
-(:func:`prune_merge_tokens`); :func:`reduce_layer_tokens` picks one from the layer's ``tome_kept``. Sizes and
-sources are float32 whatever the model dtype. Pure tensor code: no transformers.
+(:func:`prune_merge_tokens`); :func:`reduce_layer_tokens` picks one from the layer's ``tome_kept``. A layer's
+``tome_merge`` (:class:`~hf_tome.core.plan.LayerMerge`) swaps ToMe's matching for PiToMe's rule and its mean for
+MLERP. Sizes and sources are float32 whatever the model dtype. Pure tensor code: no transformers.
 """
 
 import torch
@@ -12,10 +13,11 @@ from hf_tome.core.ops import (
     initial_positions,
     merge_source,
     merge_weighted,
+    pitome_matching,
     prune_and_merge,
     soft_prune_merge,
 )
-from hf_tome.core.plan import LayerKept, SoftKept
+from hf_tome.core.plan import LayerKept, LayerMerge, SoftKept
 from hf_tome.core.schedule import clamp_r, effective_kept
 
 
@@ -63,15 +65,25 @@ def reduce_tokens(
     r: int,
     protected: int,
     trace_source: bool = False,
+    merge: LayerMerge | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Merge ``r`` tokens of ``hidden`` (size-weighted) and carry sizes, positions and sources along."""
+    """Merge ``r`` tokens of ``hidden`` (size-weighted) and carry sizes, positions and sources along.
+
+    ``merge`` None is ToMe (bipartite soft matching, size-weighted mean); otherwise its rule picks the tokens
+    (``"pitome"``: by energy, at its margin) and its mode forms the merged hidden states (``"mlerp"``). Either rule
+    merges exactly ``r`` tokens (after the same clamp), so token counts do not depend on it.
+    """
     num_tokens = hidden.shape[1]
     r = clamp_r(r, num_tokens, protected)
     if r == 0 or metric is None:
         return hidden, size, positions, source
-    matching = bipartite_soft_matching(metric, r, protected)
+    merge = merge or LayerMerge()
+    if merge.rule == "pitome":
+        matching = pitome_matching(metric, r, protected, margin=merge.margin)
+    else:
+        matching = bipartite_soft_matching(metric, r, protected)
     size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)
-    hidden, size = merge_weighted(matching, hidden, size)
+    hidden, size = merge_weighted(matching, hidden, size, merge.mode)
     positions = matching.new_positions(num_tokens).gather(1, positions)
     if source is not None:
         source = merge_source(matching, source)
@@ -99,6 +111,7 @@ def prune_merge_tokens(
     protected: int,
     trace_source: bool = False,
     merge_match: str = "class_attention",
+    merge: LayerMerge | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Prune to ``prune_kept`` tokens by class attention, then merge down to ``merge_kept`` (size-weighted).
 
@@ -108,6 +121,8 @@ def prune_merge_tokens(
     exact and the FLOPs accounting holds). Counts above the tokens present never reach here: ``apply`` refuses them
     for layers 1 and up, and :func:`run_layers` for layer 0's input. Pruned patches are held by no token in
     ``source``; ``positions`` sends them to their most similar kept token, so unmerging still fills the grid.
+    ``merge`` (see :func:`reduce_tokens`): its mode forms every merged hidden state; its rule replaces the bipartite
+    step of ``merge_match="bipartite"`` (the class-attention merge has no bipartite step).
     """
     num_tokens = hidden.shape[1]
     prune_kept, merge_kept = effective_kept(num_tokens, prune_kept, merge_kept)
@@ -117,14 +132,15 @@ def prune_merge_tokens(
     if ranked_kept < num_tokens:
         step = prune_and_merge(class_scores, metric, prune_kept, ranked_kept, protected)
         size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)
-        hidden, size = merge_weighted(step, hidden, size)
+        hidden, size = merge_weighted(step, hidden, size, merge.mode if merge is not None else "mean")
         positions = step.new_positions(num_tokens).gather(1, positions)
         if source is not None:
             source = step.merge(source, reduce="amax")
         if bipartite:
             metric = step.merge(metric)  # the keys of the survivors, for the matching
     if bipartite:
-        return reduce_tokens(hidden, metric, size, positions, source, prune_kept - merge_kept, protected, trace_source)
+        return reduce_tokens(hidden, metric, size, positions, source, prune_kept - merge_kept, protected, trace_source,
+                             merge)
     return hidden, size, positions, source
 
 
@@ -139,13 +155,16 @@ def reduce_layer_tokens(
     tome_kept: LayerKept | None,
     protected: int,
     trace_source: bool = False,
+    merge: LayerMerge | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The one reducer a layer calls after its attention: ToMe (``tome_kept`` None), prune+merge, or relaxed.
 
     ``class_scores`` is the class attention the layer's attention returned for ``need_class_attention=True``.
+    ``merge`` is the layer's ``tome_merge`` (rule and mode; None: ToMe's). The relaxed step of the differentiable
+    rate search keeps its own size-weighted mixing whatever the mode.
     """
     if tome_kept is None or class_scores is None:
-        return reduce_tokens(hidden, metric, size, positions, source, r, protected, trace_source)
+        return reduce_tokens(hidden, metric, size, positions, source, r, protected, trace_source, merge)
     if isinstance(tome_kept, SoftKept):
         if size is None:
             size = torch.ones(hidden.shape[0], hidden.shape[1], 1, dtype=torch.float32, device=hidden.device)
@@ -153,7 +172,7 @@ def reduce_layer_tokens(
                                         tome_kept.slots, protected)
         return hidden, size, positions, source
     return prune_merge_tokens(hidden, metric, class_scores, size, positions, source, tome_kept.prune_kept,
-                              tome_kept.merge_kept, protected, trace_source, tome_kept.merge_match)
+                              tome_kept.merge_kept, protected, trace_source, tome_kept.merge_match, merge)
 
 
 def weighted_token_mean(tokens: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:

@@ -55,9 +55,10 @@ def effective_kept(num_tokens: int, prune_kept: int, merge_kept: int) -> tuple[i
 def kept_tokens_per_layer(num_tokens: int, prune_kept: Sequence[int], merge_kept: Sequence[int]) -> list[int]:
     """Token count entering each layer under unified compression, plus the count leaving the last one.
 
-    Layer 0 is never compressed; layer ``i > 0`` leaves ``min(merge_kept[i], prune_kept[i], tokens in)``.
+    Layer ``i`` leaves ``min(merge_kept[i], prune_kept[i], tokens in)``; layer 0 too, so counts equal to
+    ``num_tokens`` there leave block 0 alone (the patent's rule) and smaller ones compress it.
     """
     counts = [num_tokens]
-    for index, (prune, merge) in enumerate(zip(prune_kept, merge_kept, strict=True)):
-        counts.append(counts[-1] if index == 0 else effective_kept(counts[-1], prune, merge)[1])
+    for prune, merge in zip(prune_kept, merge_kept, strict=True):
+        counts.append(effective_kept(counts[-1], prune, merge)[1])
     return counts

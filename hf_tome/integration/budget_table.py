@@ -1,9 +1,11 @@
 """FLOPs budgets: picking a row of a searched budget table, and the numbers every row carries.
 
 A budget table (written by ``hf-tome search``) maps a compute budget to per-layer kept counts. Rows are
-``{"gflops", "fraction", "prune_kept", "merge_kept", "accuracy"}``; "gflops" are GMACs per image (the spec's
-"FLOPs" counts multiply-accumulates), "fraction" is that over the uncompressed model's GMACs at the same input
-size. A budget is either GFLOPs (> 1) or a fraction of the full model (<= 1).
+``{"gflops", "fraction", "prune_kept", "merge_kept", "accuracy"}`` (plus ``"merge_match"`` and, from a search,
+``"origin"``: e.g. ``"tome r=12"`` for a row that is ToMe's own schedule written as kept counts, block 0
+included); "gflops" are GMACs per image (the spec's "FLOPs" counts multiply-accumulates), "fraction" is that over
+the uncompressed model's GMACs at the same input size. A budget is either GFLOPs (> 1) or a fraction of the full
+model (<= 1).
 """
 
 from __future__ import annotations
@@ -39,8 +41,13 @@ def table_full_gflops(model: nn.Module, config: ToMeConfig) -> float:
     stored = config.extra.get(FULL_GFLOPS_KEY)
     if stored:
         return float(stored)
-    # Block 0 is never compressed, so a row's prune_kept[0] is the token count the table was made for.
-    return full_gflops_for_tokens(model, int(config.budget_table[0]["prune_kept"][0]))
+    # A row that leaves block 0 alone (prune_kept[0] == merge_kept[0]) names the token count the table was made
+    # for; rows that compress block 0 do not, and then the model's own input size stands in.
+    for row in config.budget_table:
+        if row["prune_kept"][0] == row["merge_kept"][0]:
+            return full_gflops_for_tokens(model, int(row["prune_kept"][0]))
+    shape = find_adapter(model).encoder_shape(model, None)
+    return full_gflops_for_tokens(model, shape.num_patches + shape.protected)
 
 
 def budget_in_gflops(budget: float, full_gflops: float) -> float:

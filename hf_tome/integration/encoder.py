@@ -9,6 +9,11 @@ encoder loop hands it ``tome_kept`` (a plan with per-layer kept counts), pruning
 merging (into the most similar kept token by class-attention rank, or by ToMe's bipartite matching). An adapter
 opts in to the second with ``Adapter(supports_pruning=True)``: its layer accepts ``tome_kept``, asks its
 attention for ``need_class_attention`` and calls ``reduce_layer_tokens``.
+
+A plan whose merge rule or mode is not ToMe's (PiToMe, MLERP) hands every layer a ``tome_merge``
+(:class:`~hf_tome.core.plan.LayerMerge`); :class:`PreNormReduceLayerMixin` passes it on to ``reduce_layer_tokens``.
+A family opts in by a layer ``forward`` that takes ``tome_merge`` (``hf_tome.apply`` refuses the options for
+families whose layers do not).
 """
 
 from collections.abc import Callable, Sequence
@@ -23,7 +28,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from hf_tome.core.ops import class_attention
-from hf_tome.core.plan import LayerKept, ReductionPlan
+from hf_tome.core.plan import LayerKept, LayerMerge, ReductionPlan
 from hf_tome.core.reduce import needs_class_attention, proportional_attention_mask, reduce_layer_tokens
 
 
@@ -92,7 +97,8 @@ class PreNormReduceLayerMixin:
 
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
                 tome_r: int = 0, protected: int = 1, prop_attn: bool = True, trace_source: bool = False,
-                tome_kept: LayerKept | None = None, **kwargs: Unpack[TransformersKwargs]):
+                tome_kept: LayerKept | None = None, tome_merge: LayerMerge | None = None,
+                **kwargs: Unpack[TransformersKwargs]):
         residual = hidden_states
         mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
         need_class = needs_class_attention(tome_kept, hidden_states.shape[1])
@@ -103,7 +109,7 @@ class PreNormReduceLayerMixin:
         hidden_states = self._attention_branch(attn_output) + residual
         hidden_states, size, positions, source = reduce_layer_tokens(
             hidden_states, metric, class_scores[0] if need_class else None, size, positions, source, tome_r,
-            tome_kept, protected, trace_source,
+            tome_kept, protected, trace_source, tome_merge,
         )
         hidden_states = self._mlp_branch(hidden_states) + hidden_states
         return hidden_states, size, positions, source
@@ -128,8 +134,10 @@ def run_layers(
     size = positions = source = None
     for index, (layer, r) in enumerate(zip(layers, plan.layer_r, strict=True)):
         # Only layers of a plan with kept counts get ``tome_kept``, so adapters without pruning never see it.
-        kept = plan.kept_for_layer(index)
+        kept, merge = plan.kept_for_layer(index), plan.merge_for_layer(index)
         extra = {"tome_kept": kept} if kept is not None else {}
+        if merge is not None:  # likewise only for a merge rule or mode other than ToMe's
+            extra["tome_merge"] = merge
         # Tensors go positionally so gradient checkpointing (reentrant too) tracks them.
         hidden, size, positions, source = layer(
             hidden, attention_mask, size, positions, source,

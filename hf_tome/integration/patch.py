@@ -7,6 +7,7 @@ and ``remove`` swaps the original classes back.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -44,6 +45,7 @@ def _plan_of(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
         raise ValueError(f"ToMeConfig.prune_kept={config.prune_kept} is invalid for {type(model).__name__}: the "
                          f"{adapter.family} adapter does not support prune + merge (its encoder has no class token "
                          "whose attention could rank the tokens); expected prune_kept=None (use r for token merging)")
+    _check_merge_options(model, config, adapter)
     if adapter.plan_builder is not None:  # families with stages (Swin) count layers their own way
         return adapter.plan_builder(model, config)
     num_layers = _num_layers(model)
@@ -55,16 +57,34 @@ def _plan_of(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
     # the token count carries through them.
     for index in sorted(slim_layers(model)):
         layer_r[index] = 0
-        if prune_kept is not None and 0 < index < len(prune_kept):  # a wrong length is refused below
+        if prune_kept is not None and index < len(prune_kept):  # a wrong length is refused below
             prune_kept, merge_kept = list(prune_kept), list(merge_kept)
-            prune_kept[index] = merge_kept[index] = merge_kept[index - 1]
+            prune_kept[index] = merge_kept[index] = merge_kept[index - 1] if index else prune_kept[0]
     if prune_kept is not None:
         _check_kept_against_model(config, num_layers, protected, prune_kept, merge_kept)
     if prune_kept is not None and config.merge_match == "bipartite":
         _check_bipartite_reach(prune_kept, merge_kept, protected)
     return ReductionPlan(layer_r=layer_r, protected=protected, prop_attn=config.prop_attn,
                          trace_source=config.trace_source, prune_kept=prune_kept, merge_kept=merge_kept,
-                         merge_match=config.merge_match)
+                         merge_match=config.merge_match, merge_rule=config.merge_rule, merge_mode=config.merge_mode)
+
+
+def _takes_merge_options(adapter: Adapter) -> bool:
+    """True when the family's patched layers take a ``tome_merge`` keyword (see ``run_layers``)."""
+    return any("tome_merge" in inspect.signature(patched.forward).parameters
+               for patched in adapter.class_map.values())
+
+
+def _check_merge_options(model: nn.Module, config: ToMeConfig, adapter: Adapter) -> None:
+    """Refuse a merge rule or mode other than ToMe's for a family whose layers would not apply it (rather than
+    merging with ToMe's rule while the config says otherwise)."""
+    if (config.merge_rule, config.merge_mode) == ("bipartite", "mean") or _takes_merge_options(adapter):
+        return
+    name, value, default = (("merge_rule", config.merge_rule, "bipartite") if config.merge_rule != "bipartite"
+                            else ("merge_mode", config.merge_mode, "mean"))
+    raise ValueError(f"ToMeConfig.{name}={value!r} is invalid for {type(model).__name__}: the {adapter.family} "
+                     f"adapter's layers do not take merge rules or modes (no tome_merge keyword); expected "
+                     f"{name}={default!r}")
 
 
 def _resolved_config(model: nn.Module, config: ToMeConfig | None, overrides: dict[str, Any]) -> ToMeConfig:
@@ -81,7 +101,7 @@ def _check_bipartite_reach(prune_kept: list[int], merge_kept: list[int], protect
     """One bipartite step merges at most half of the unprotected survivors of pruning: refuse counts that need
     more, instead of silently keeping more tokens (and FLOPs) than the config says."""
     counts = kept_tokens_per_layer(prune_kept[0], prune_kept, merge_kept)
-    for index in range(1, len(prune_kept)):
+    for index in range(len(prune_kept)):  # block 0 too: its counts may compress it
         survivors = min(prune_kept[index], counts[index])
         lowest = fewest_after_matching(survivors, protected)
         if min(merge_kept[index], survivors) < lowest:
