@@ -1,15 +1,18 @@
 """Searched prune + merge rates against constant-r ToMe at the same MACs, on the embedded DINOv2-S model.
 
-1. ``hf-tome search`` (random search) on the Fashion-MNIST *train* split, cut into search and validation images,
-   for FLOPs targets of about 70% and 55% of the full model's MACs at 224 px (skipped with ``--model``
-   pointing at a folder that already has a budget table).
-2. On held-out Fashion-MNIST *test* images, every setting runs end to end from the pixels: the full model,
-   each searched row, and for each row the constant ToMe r with the fewest MACs that are still >= the row's
-   (so ToMe never gets less compute), plus the next r (fewer MACs) for the plot.
+1. ``hf-tome search`` (random search, successive halving by default, block 0 compressed too, ToMe's own
+   schedules seeded into the last stage) on the Fashion-MNIST *train* split, cut into search and validation
+   images, for FLOPs targets at the MACs of ToMe r=12 and r=18 (70.1% and 55.9% of the full model's MACs at
+   224 px; skipped with ``--model`` pointing at a folder that already has a budget table).
+2. On held-out Fashion-MNIST *test* images (all 10,000 by default), every setting runs end to end from the
+   pixels: the full model, each searched row, and for each row the constant ToMe r with the fewest MACs that are
+   still >= the row's (so ToMe never gets less compute), plus the next r (fewer MACs) for the plot.
 
-Prints a markdown table and writes ``results/search_vs_tome.json`` and ``results/search_vs_tome.png``.
+Prints a markdown table, the paired differences and the search time, and writes ``search_vs_tome.json`` and
+``search_vs_tome.png`` (accuracy against GMACs) into ``--out`` (default ``benchmarks/results``).
 
-    OMP_NUM_THREADS=1 python benchmarks/search_vs_tome.py --threads 1
+    python benchmarks/search_vs_tome.py --threads 2            # the full run: ~20 min search + the test images
+    python benchmarks/search_vs_tome.py --quick --threads 2    # smoke run: a few images, about a minute
 """
 
 from __future__ import annotations
@@ -23,31 +26,55 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = {"search_images": 32, "val_images": 16, "test_images": 64, "min_images": 8, "eta": 2.0, "finalists": 1,
+         "batch_size": 16}
+"""What ``--quick`` sets (unless given explicitly): a smoke run of every step on a few images."""
 
-def parse_args() -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a folder with a budget table (skips the search)")
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.55])
+    parser.add_argument("--search-model", default=None, help="the model to search (default: the embedded DINOv2-S; "
+                        "its head must have Fashion-MNIST's 10 classes)")
+    parser.add_argument("--targets", type=float, nargs="+", default=None,
+                        help="FLOPs targets (fractions or GFLOPs) instead of --targets-at-tome-r")
     parser.add_argument("--method", default="random", choices=["random", "diffrate"])
-    parser.add_argument("--candidates", type=int, default=1000)
-    parser.add_argument("--search-images", type=int, default=1024)
-    parser.add_argument("--val-images", type=int, default=256)
-    parser.add_argument("--stage-images", type=int, nargs="+", default=[16, 96, 1024])
-    parser.add_argument("--keep", type=float, default=0.1)
+    parser.add_argument("--strategy", default="halving", choices=["halving", "staged"],
+                        help="see hf-tome search --help; staged with --candidates 1500 --stage-images 16 96 1024 "
+                        "--protect-block-0 --tome-seeds is the README's earlier run")
+    parser.add_argument("--candidates", type=int, default=None, help="default: the strategy's")
+    parser.add_argument("--search-images", type=int, default=None, help="default 1024")
+    parser.add_argument("--val-images", type=int, default=None, help="default 256")
+    parser.add_argument("--stage-images", type=int, nargs="+", default=None, help="default: the strategy's")
+    parser.add_argument("--keep", type=float, default=None, help="default: the strategy's")
+    parser.add_argument("--eta", type=float, default=None, help="successive halving factor (default 3)")
+    parser.add_argument("--min-images", type=int, default=None, help="images of the first halving stage (default 12)")
+    parser.add_argument("--finalists", type=int, default=None, help="random candidates per target in the last "
+                        "stage (default 2)")
+    parser.add_argument("--protect-block-0", action="store_true", help="never compress block 0 (the old rule)")
+    parser.add_argument("--tome-seeds", type=float, nargs="*", default=[0.0, -0.5, 0.5], metavar="INFLECT",
+                        help="ToMe schedules seeded into the last stage (alone: none)")
     parser.add_argument("--shaped", type=float, default=0.75, help="fraction of ToMe-like shaped candidates")
-    parser.add_argument("--targets-at-tome-r", type=int, nargs="+", default=None, metavar="R",
+    parser.add_argument("--targets-at-tome-r", type=int, nargs="+", default=[12, 18], metavar="R",
                         help="use the MACs of constant-r ToMe with these r as the targets (the same MACs exactly)")
     parser.add_argument("--merge-matches", nargs="+", default=["class_attention", "bipartite"],
                         help="merge rules the candidates take in turn (see hf-tome search --help)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--test-images", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
                         help="only plot these runs' search_vs_tome.json together (into --out) and exit")
     parser.add_argument("--neighbours", action="store_true", help="also run the next r (fewer MACs) for the plot")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    defaults = {"search_images": 1024, "val_images": 256, "test_images": 10_000, "batch_size": 64}
+    for key, value in {**defaults, **(QUICK if args.quick else {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main() -> None:
@@ -70,20 +97,28 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     search_payload = None
-    if args.targets_at_tome_r:
+    if args.targets is None:
+        from PIL import Image
+
         from hf_tome.evaluation.assets.default_model import default_model_path
 
-        default = hf_tome.AutoModelForImageClassification.from_pretrained(args.model or default_model_path())
-        default_space = SearchSpace.for_shape(find_adapter(default).encoder_shape(default, (224, 224)))
+        source = args.model or args.search_model or str(default_model_path())
+        default = hf_tome.AutoModelForImageClassification.from_pretrained(source)
+        probe = AutoImageProcessor.from_pretrained(source)(images=Image.new("RGB", (64, 64)), return_tensors="pt")
+        size = tuple(int(v) for v in probe["pixel_values"].shape[-2:])
+        default_space = SearchSpace.for_shape(find_adapter(default).encoder_shape(default, size))
         args.targets = [constant_r_gmacs(default_space, r) / default_space.full_gmacs
                         for r in args.targets_at_tome_r]
     if args.model is None:
-        options = SearchOptions(targets=args.targets, method=args.method, candidates=args.candidates,
-                                search_images=args.search_images, val_images=args.val_images,
-                                stage_images=args.stage_images, keep=args.keep, shaped=args.shaped,
-                                merge_matches=args.merge_matches,
+        # the search's own defaults, unless given (or set by --quick)
+        given = {key: getattr(args, key) for key in ("candidates", "stage_images", "keep", "eta", "min_images",
+                                                     "finalists") if getattr(args, key) is not None}
+        options = SearchOptions(model=args.search_model, targets=args.targets, method=args.method,
+                                strategy=args.strategy, search_images=args.search_images, val_images=args.val_images,
+                                shaped=args.shaped, merge_matches=args.merge_matches,
+                                protect_block_0=args.protect_block_0, tome_seeds=args.tome_seeds,
                                 batch_size=args.batch_size, dtype=args.dtype, out=args.out / "search",
-                                baseline=False)
+                                baseline=False, **given)
         search_payload = run_search(options)
         model_dir = search_payload["saved_model"]
     else:
@@ -126,15 +161,15 @@ def main() -> None:
                         "images_per_s": float(scores[number, 2] / timings[number]),
                         "r": setting.get("r"), "paired_with": setting.get("paired_with"),
                         "prune_kept": setting.get("prune_kept"), "merge_kept": setting.get("merge_kept"),
-                        "merge_match": setting.get("merge_match"),
+                        "merge_match": setting.get("merge_match"), "origin": setting.get("row", {}).get("origin"),
                         "validation_accuracy": setting.get("row", {}).get("accuracy")})
-    lines = ["| setting | GMACs | MACs vs full | test accuracy | test NLL | merge match | tokens leaving each layer |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | GMACs | MACs vs full | test accuracy | test NLL | merge match | origin | tokens leaving each "
+             "layer |", "|---|---|---|---|---|---|---|---|"]
     for result in results:
         tokens = result["merge_kept"] or ""
         lines.append(f"| {result['name']} | {result['gflops']:.3f} | {100 * result['fraction']:.1f}% | "
                      f"{100 * result['accuracy']:.2f}% | {result['nll']:.3f} | {result['merge_match'] or ''} | "
-                     f"{tokens} |")
+                     f"{result['origin'] or ''} | {tokens} |")
     comparison = []
     for result in results:
         if result["name"].startswith("searched"):
@@ -143,6 +178,8 @@ def main() -> None:
             comparison.append({"searched": result["name"], "searched_accuracy": result["accuracy"],
                                "searched_gflops": result["gflops"], "tome": tome["name"],
                                "tome_accuracy": tome["accuracy"], "tome_gflops": tome["gflops"],
+                               "points_better": 100 * (result["accuracy"] - tome["accuracy"]),
+                               "searched_origin": result["origin"],
                                "at_least_as_accurate": result["accuracy"] >= tome["accuracy"]})
     table_text = "\n".join(lines)
     if not accelerator.is_main_process:
@@ -151,7 +188,13 @@ def main() -> None:
     for item in comparison:
         print(f"{item['searched']} ({item['searched_gflops']:.3f} GMACs): {100 * item['searched_accuracy']:.2f}% vs "
               f"{item['tome']} ({item['tome_gflops']:.3f} GMACs): {100 * item['tome_accuracy']:.2f}% -> "
+              f"{item['points_better']:+.2f} points, "
               f"{'at least as accurate' if item['at_least_as_accurate'] else 'LESS accurate'}")
+    if search_payload is not None:
+        stage_seconds = " / ".join(f"{stage['seconds']:.0f}" for stage in search_payload["log"].get("stages", []))
+        estimated = search_payload["log"].get("estimate", {}).get("seconds", 0)
+        print(f"search: {search_payload['search_seconds']:.0f} s ({search_payload['total_seconds']:.0f} s with the "
+              f"validation and saving; estimated {estimated:.0f} s; stages {stage_seconds} s)")
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"model": str(model_dir), "test_images": args.test_images, "dtype": str(dtype),
                "threads": torch.get_num_threads(), "full_gflops": full, "image_size": list(image_size),

@@ -44,7 +44,9 @@ def test_shaped_shares_are_small_and_half_merge_only():
     assert 450 <= late <= 750
 
 
-def test_candidates_land_in_a_narrow_band_under_each_target(space):
+@pytest.mark.parametrize("protect_block_0", [False, True])
+def test_candidates_land_in_a_narrow_band_under_each_target(protect_block_0):
+    space = SearchSpace.for_shape(DINOV2_S, protect_block_0=protect_block_0)
     targets = [0.7 * space.full_gmacs, 0.55 * space.full_gmacs]
     candidates = sample_candidates(space, targets, 400, seed=0)
     assert len(candidates) == 400 and [c.target for c in candidates].count(0) == 200
@@ -54,13 +56,18 @@ def test_candidates_land_in_a_narrow_band_under_each_target(space):
         target = targets[candidate.target]
         assert 0.995 * target <= candidate.gmacs <= target
         assert candidate.gmacs == pytest.approx(space.gmacs(candidate.prune_kept, candidate.merge_kept))
-        assert candidate.prune_kept[0] == candidate.merge_kept[0] == 257
+        if protect_block_0:  # the patent's rule: block 0 keeps every token
+            assert candidate.prune_kept[0] == candidate.merge_kept[0] == 257
+        else:
+            assert candidate.prune_kept[0] <= 257
         kept = [min(p, m) for p, m in zip(candidate.prune_kept, candidate.merge_kept, strict=True)]
         assert all(a >= b for a, b in zip(candidate.merge_kept, candidate.merge_kept[1:], strict=False))
         assert all(p >= m for p, m in zip(candidate.prune_kept, candidate.merge_kept, strict=True))
         # No layer keeps more tokens than enter it (hf_tome.apply refuses that).
         assert all(p <= m for p, m in zip(candidate.prune_kept[1:], candidate.merge_kept, strict=False))
         assert min(kept) >= space.min_kept
+    compressing_block_0 = sum(c.merge_kept[0] < 257 for c in candidates)
+    assert compressing_block_0 == 0 if protect_block_0 else compressing_block_0 > 200
 
 
 def test_shaped_fraction_changes_the_mix(space):

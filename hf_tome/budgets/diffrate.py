@@ -12,6 +12,7 @@ candidate (:meth:`hf_tome.budgets.search_space.SearchSpace.fit`).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -23,11 +24,12 @@ from hf_tome.core.plan import ReductionPlan, SoftKept
 
 
 class RateDistributions(nn.Module):
-    """Learnable logits over removal steps for pruning and merging in layers 1..L-1."""
+    """Learnable logits over removal steps for pruning and merging in layers 1..L-1 (the relaxation leaves block 0
+    alone, so ``space`` is used as if it protected block 0)."""
 
     def __init__(self, space: SearchSpace, step: int | None = None, max_fraction: float = 0.25) -> None:
         super().__init__()
-        self.space = space
+        self.space = space = replace(space, protect_block_0=True)
         patches = space.num_tokens - space.shape.protected
         self.step = step or max(1, round(patches / 64))
         options = 1 + math.ceil(max_fraction * patches / self.step)

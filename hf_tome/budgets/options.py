@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_tome.config import MERGE_MATCHES
+
+STRATEGIES = ("halving", "staged")
+"""Schedules of the random search (``SearchOptions.strategy``); see :func:`resolve_schedule`."""
 
 
 @dataclass
@@ -19,11 +23,17 @@ class SearchOptions:
     split: str = "train"
     targets: list[float] = field(default_factory=lambda: [0.7, 0.55])
     method: str = "random"
-    candidates: int = 10_000
+    strategy: str = "halving"
+    candidates: int | None = None
     search_images: int = 1024
     val_images: int = 1000
-    stage_images: list[int] = field(default_factory=lambda: [64, 256, 1024])
-    keep: float = 0.1
+    stage_images: list[int] | None = None
+    keep: float | None = None
+    eta: float = 3.0
+    min_images: int = 12
+    finalists: int = 2
+    protect_block_0: bool = False
+    tome_seeds: list[float] = field(default_factory=lambda: [0.0, -0.5, 0.5])
     shaped: float = 0.75
     merge_matches: list[str] = field(default_factory=lambda: list(MERGE_MATCHES))
     batch_size: int = 64
@@ -53,16 +63,37 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FLOPs targets: fractions (<= 1) of the full model's MACs or GFLOPs (> 1)")
     parser.add_argument("--method", choices=["random", "diffrate"], default=defaults.method,
                         help="random: staged evaluation of random candidates; diffrate: differentiable search")
+    parser.add_argument("--strategy", choices=list(STRATEGIES), default=defaults.strategy,
+                        help="random search: 'halving' (successive halving: many candidates on --min-images images, "
+                        "the best 1/--eta of each bucket go on to --eta times more images, up to --search-images; "
+                        "sized to about 20 minutes for DINOv2-S on 2 CPU cores) or 'staged' (the earlier search: "
+                        "10,000 candidates, stages of 64 / 256 / 1,024 images keeping 10%%; hours on a CPU)")
     parser.add_argument("--candidates", type=int, default=defaults.candidates,
-                        help="random candidates in all, spread evenly over the targets; the run time grows with "
-                        "it, and the search prints its estimate before it starts")
+                        help="random candidates in all, spread evenly over the targets (default: halving, enough "
+                        "to halve down to --finalists per target over its stages; staged, 10000); the run time "
+                        "grows with it, and the search prints its estimate before it starts")
     parser.add_argument("--search-images", type=int, default=defaults.search_images,
                         help="images of --split the candidates are ranked on")
     parser.add_argument("--val-images", type=int, default=defaults.val_images,
                         help="held-out images of --split that score the chosen rows")
     parser.add_argument("--stage-images", type=int, nargs="+", default=defaults.stage_images,
-                        help="images per evaluation stage (growing); the last stage picks each bucket's best")
-    parser.add_argument("--keep", type=float, default=defaults.keep, help="fraction of each bucket kept per stage")
+                        help="images per evaluation stage (growing); the last stage picks each bucket's best "
+                        "(default: halving, --search-images divided by powers of --eta down to --min-images; "
+                        "staged, 64 256 1024)")
+    parser.add_argument("--keep", type=float, default=defaults.keep, help="fraction of each bucket kept per stage "
+                        "(default: halving, 1/--eta; staged, 0.1)")
+    parser.add_argument("--eta", type=float, default=defaults.eta, help="successive halving: each stage keeps "
+                        "1/eta of a bucket and runs it on eta times more images")
+    parser.add_argument("--min-images", type=int, default=defaults.min_images,
+                        help="successive halving: the fewest images of the first stage")
+    parser.add_argument("--finalists", type=int, default=defaults.finalists, help="successive halving: random "
+                        "candidates per target left for the last stage (with the ToMe seeds)")
+    parser.add_argument("--protect-block-0", action="store_true", help="never compress block 0 (the patent's rule; "
+                        "it costs accuracy on DINOv2-S): candidates, and ToMe seeds, leave it alone")
+    parser.add_argument("--tome-seeds", type=float, nargs="*", default=defaults.tome_seeds, metavar="INFLECT",
+                        help="add ToMe's own schedule (bipartite merging, block 0 included) at every target for "
+                        "each inflect (0: constant r); they join the last stage, so the chosen row is at least as "
+                        "good as the best of them on the search images. Give the option alone for none")
     parser.add_argument("--shaped", type=float, default=defaults.shaped, help="fraction of the random candidates "
                         "drawn with ToMe-like shapes and small prune shares (the rest: any non-increasing profile)")
     parser.add_argument("--merge-matches", nargs="+", choices=list(MERGE_MATCHES), default=defaults.merge_matches,
@@ -89,3 +120,40 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate of the differentiable search")
     parser.add_argument("--flops-weight", type=float, default=defaults.flops_weight,
                         help="lambda of the FLOPs penalty of the differentiable search")
+
+
+def resolve_schedule(options: SearchOptions, num_targets: int) -> tuple[list[int], float, int]:
+    """The stages' image counts, the fraction kept per stage and the random candidates in all for ``options``
+    (what ``--stage-images``, ``--keep`` and ``--candidates`` say, else the strategy's defaults).
+
+    ``"halving"``: stages of ``search_images / eta**k`` images (rounded, the last all of them, the first at least
+    ``min_images``), keeping ``1 / eta``, with ``finalists * eta**(stages - 1)`` candidates per target (rounded
+    up), so each bucket halves down to ``finalists`` for the last stage. ``"staged"``: the earlier defaults,
+    64 / 256 / 1,024 images, keeping 10% of 10,000 candidates.
+    """
+    if options.strategy not in STRATEGIES:
+        raise ValueError(f"strategy={options.strategy!r} is invalid: expected one of {list(STRATEGIES)}")
+    if options.strategy == "staged":
+        stages = options.stage_images or [64, 256, 1024]
+        keep = options.keep if options.keep is not None else 0.1
+        candidates = options.candidates or 10_000
+    else:
+        if options.eta <= 1 or options.min_images < 1 or options.finalists < 1:
+            raise ValueError(f"eta={options.eta}, min_images={options.min_images}, finalists={options.finalists} "
+                             "are invalid: expected eta > 1, min_images >= 1 and finalists >= 1")
+        stages = options.stage_images or halving_stages(options.search_images, options.min_images, options.eta)
+        keep = options.keep if options.keep is not None else 1 / options.eta
+        per_target = math.ceil(options.finalists / keep ** (len(stages) - 1) - 1e-9)
+        candidates = options.candidates or per_target * num_targets
+    stages = sorted({min(count, options.search_images) for count in stages})
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep={keep} is invalid: expected a fraction in (0, 1]")
+    return stages, keep, candidates
+
+
+def halving_stages(search_images: int, min_images: int, eta: float) -> list[int]:
+    """``search_images / eta**k`` for k = ..., 1, 0 (rounded), from the smallest count still >= ``min_images``."""
+    stages = [search_images]
+    while round(stages[0] / eta) >= min_images and round(stages[0] / eta) < stages[0]:
+        stages.insert(0, round(stages[0] / eta))
+    return stages

@@ -1,9 +1,13 @@
 """``hf-tome search``: per-layer prune + merge rates searched under FLOPs targets, written as a budget table.
 
 Random search (default): draw candidates of kept counts that are non-increasing by depth, each fitted just
-under one FLOPs target (the target's bucket); evaluate them in stages on growing subsets of the search images,
-keeping the best fraction of every bucket after each stage; the best of each bucket is scored on held-out
-validation images and becomes a table row. ``--method diffrate`` learns the rates by gradient descent instead.
+under one FLOPs target (the target's bucket), block 0 included unless ``--protect-block-0``; evaluate them in
+stages on growing subsets of the search images, keeping the best fraction of every bucket after each stage
+(successive halving by default: ``--eta`` times more images and 1/eta of the candidates per stage; ``--strategy
+staged`` is the earlier 10,000-candidate search). ToMe's own schedules at each target (``--tome-seeds``) join
+the last stage, so every row is at least as good as the best of them on the search images. The best of each
+bucket is scored on held-out validation images and becomes a table row. ``--method diffrate`` learns the rates
+by gradient descent instead.
 Both run under Accelerate: ``accelerate launch -m hf_tome.budgets.search ...`` shards the evaluation over processes,
 and plain ``hf-tome search`` runs on one CPU.
 
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hf_tome.budgets.options import SearchOptions, add_search_arguments
+from hf_tome.budgets.options import SearchOptions, add_search_arguments, resolve_schedule
 from hf_tome.budgets.search_estimate import measure_search_estimate, stage_quota
 from hf_tome.budgets.search_outputs import write_outputs
 from hf_tome.budgets.search_space import Candidate, SearchSpace, sample_candidates
@@ -48,12 +52,18 @@ def staged_random_search(evaluator, candidates: list[Candidate], stage_images: l
     """Evaluate on growing subsets, keeping the ``keep`` fraction of every bucket closest to the uncompressed
     model's predictions, then the most accurate candidate of every bucket on the last subset.
 
+    ToMe seeds (``Candidate.is_tome_seed``) skip the earlier stages and join the last one, so each bucket's winner
+    is ranked against them on the same images: it is at least as accurate as the best of them there (ties: loss).
     Returns the best candidate of every bucket, its accuracy in the last stage, and a log of the stages.
     """
-    survivors, stages, accuracy = list(candidates), [], []
+    survivors = [c for c in candidates if not c.is_tome_seed]
+    seeds = [c for c in candidates if c.is_tome_seed]
+    stages, accuracy = [], []
     for number, count in enumerate(stage_images):
         start = time.perf_counter()
         last = number == len(stage_images) - 1
+        if last:
+            survivors = survivors + seeds
         scores = evaluator.evaluate([c.setting for c in survivors], count,
                                     description=f"stage {number + 1}/{len(stage_images)} ({count} images)",
                                     fidelity=not last)
@@ -66,7 +76,12 @@ def staged_random_search(evaluator, candidates: list[Candidate], stage_images: l
         accuracy = [float(scores[i, 0] / scores[i, 2]) for i in chosen]
         stages.append({"images": int(scores[0, 2]) if len(scores) else 0, "evaluated": len(survivors),
                        "kept": len(kept), "seconds": time.perf_counter() - start,
-                       "kept_accuracy": accuracy})
+                       "kept_accuracy": accuracy, "kept_origin": [c.origin for c in kept]})
+        if last:
+            stages[-1]["finalists"] = [
+                {"target": c.target, "origin": c.origin, "merge_match": c.merge_match, "gmacs": c.gmacs,
+                 "accuracy": float(scores[i, 0] / scores[i, 2]), "nll": float(scores[i, 1] / scores[i, 2])}
+                for i, c in enumerate(survivors)]
         if accelerator.is_main_process:
             print(f"stage {number + 1}: {len(survivors)} candidates on {stages[-1]['images']} images, kept "
                   f"{len(kept)} ({stages[-1]['seconds']:.0f} s)", file=sys.stderr)
@@ -134,18 +149,22 @@ def run_search(options: SearchOptions) -> dict:
     full = space.full_gmacs
     targets = [budget_in_gflops(target, full) for target in options.targets]
     dtype = resolve_dtype(options.dtype, accelerator.device)
-    stage_images = sorted({min(count, options.search_images) for count in options.stage_images})
+    stage_images, keep, count = resolve_schedule(options, len(targets))
     searcher = CachedEvaluator(model, search_set, processor, accelerator, dtype, options.batch_size)
     log: dict = {}
     if options.method == "random":
-        candidates = sample_candidates(space, targets, options.candidates, options.seed, shaped=options.shaped,
-                                       merge_matches=options.merge_matches)
-        estimate = measure_search_estimate(searcher, candidates, stage_images, options.keep)
+        space = SearchSpace.for_shape(space.shape, protect_block_0=options.protect_block_0)
+        candidates = sample_candidates(space, targets, count, options.seed, shaped=options.shaped,
+                                       merge_matches=options.merge_matches, tome_inflects=options.tome_seeds)
+        estimate = measure_search_estimate(searcher, candidates, stage_images, keep)
+        log["schedule"] = {"strategy": options.strategy, "stage_images": stage_images, "keep": keep,
+                           "candidates": count, "tome_seeds": [c.origin for c in candidates if c.is_tome_seed],
+                           "protect_block_0": options.protect_block_0}
         log["estimate"] = {"seconds": estimate.seconds, "passes": estimate.passes,
                            "seconds_per_image": estimate.seconds_per_image}
         if accelerator.is_main_process:
             print(estimate.message(accelerator.device.type, accelerator.num_processes), file=sys.stderr)
-        best, search_accuracy, log["stages"] = staged_random_search(searcher, candidates, stage_images, options.keep,
+        best, search_accuracy, log["stages"] = staged_random_search(searcher, candidates, stage_images, keep,
                                                                     accelerator)
     elif options.method == "diffrate":
         from hf_tome.budgets.diffrate import diffrate_search
@@ -155,7 +174,7 @@ def run_search(options: SearchOptions) -> dict:
             found, steps = diffrate_search(searcher, space, target, options.search_images, options.diffrate_steps,
                                            options.diffrate_batch, options.diffrate_lr, options.flops_weight,
                                            options.seed)
-            best.append(Candidate(found.prune_kept, found.merge_kept, found.gmacs, index))
+            best.append(Candidate(found.prune_kept, found.merge_kept, found.gmacs, index, origin="diffrate"))
             log["diffrate"].append(steps)
         scores = searcher.evaluate([c.setting for c in best], options.search_images,
                                    "search accuracy of the learned rows")
@@ -167,14 +186,14 @@ def run_search(options: SearchOptions) -> dict:
     validator = CachedEvaluator(model, val_set, processor, accelerator, dtype, options.batch_size,
                                 keep_pixels=options.baseline)
     full_kept = (space.num_tokens,) * space.num_layers
-    chosen = [Candidate(full_kept, full_kept, full, -1), *best]
+    chosen = [Candidate(full_kept, full_kept, full, -1, origin="full"), *best]
     val_scores = validator.evaluate([c.setting for c in chosen], options.val_images,
                                     "validation accuracy of the rows")
     rows = []
     for number, candidate in enumerate(chosen):
         row = {"gflops": candidate.gmacs, "fraction": candidate.gmacs / full,
                "prune_kept": list(candidate.prune_kept), "merge_kept": list(candidate.merge_kept),
-               "merge_match": candidate.merge_match,
+               "merge_match": candidate.merge_match, "origin": candidate.origin,
                "accuracy": float(val_scores[number, 0] / val_scores[number, 2])}
         if number > 0:
             row["target"] = options.targets[candidate.target]

@@ -1,4 +1,5 @@
-"""How long ``hf-tome search``'s staged random search will take, said before it starts.
+"""How long ``hf-tome search``'s staged random search (successive halving by default) will take, said before it
+starts.
 
 :func:`stage_quota` is the survival rule of :func:`hf_tome.budgets.search.staged_random_search`; it lives here so
 that the estimate counts exactly the candidates the search keeps without importing the search.
@@ -56,8 +57,9 @@ class SearchEstimate:
 
 
 def estimate_search(bucket_sizes: Sequence[int], stage_images: Sequence[int], keep: float, batch_size: int,
-                    seconds_per_image: float) -> SearchEstimate:
-    """The passes and seconds of :func:`staged_random_search` on buckets of ``bucket_sizes`` candidates.
+                    seconds_per_image: float, late_sizes: Sequence[int] = ()) -> SearchEstimate:
+    """The passes and seconds of :func:`staged_random_search` on buckets of ``bucket_sizes`` candidates, plus
+    ``late_sizes`` (ToMe seeds) per bucket that join the last stage only.
 
     Stage ``k`` runs every surviving candidate on ``stage_images[k]`` images (this process's share) in passes of
     up to ``batch_size``, then keeps :func:`stage_quota` of every bucket. The stages before the last also run
@@ -69,7 +71,7 @@ def estimate_search(bucket_sizes: Sequence[int], stage_images: Sequence[int], ke
     sizes, stages, reference_passes, images_run, referenced = list(bucket_sizes), [], 0, 0, 0
     for number, images in enumerate(stage_images):
         last = number == len(stage_images) - 1
-        evaluated = sum(sizes)
+        evaluated = sum(sizes) + (sum(late_sizes) if last else 0)
         stages.append((evaluated, images, math.ceil(images / batch_size)))
         images_run += evaluated * images
         if not last and images > referenced:
@@ -95,13 +97,16 @@ def format_duration(seconds: float) -> str:
 def measure_search_estimate(evaluator, candidates: list[Candidate], stage_images: list[int],
                             keep: float) -> SearchEstimate:
     """:func:`estimate_search` with the seconds per image measured on this machine: one pass of a batch of the
-    search images for the first candidate of every bucket (after a warm-up pass)."""
-    buckets = Counter(candidate.target for candidate in candidates)
+    search images for the first candidate of every bucket (after a warm-up pass). ToMe seeds
+    (``Candidate.is_tome_seed``) are counted in the last stage only, as the search runs them."""
+    targets = sorted({candidate.target for candidate in candidates})
+    buckets = Counter(candidate.target for candidate in candidates if not candidate.is_tome_seed)
+    seeds = Counter(candidate.target for candidate in candidates if candidate.is_tome_seed)
     first = {}
-    for candidate in candidates:
+    for candidate in sorted(candidates, key=lambda candidate: candidate.is_tome_seed):  # random ones first
         first.setdefault(candidate.target, candidate)
-    seconds_per_image = evaluator.seconds_per_image([first[target].setting for target in sorted(first)],
+    seconds_per_image = evaluator.seconds_per_image([first[target].setting for target in targets],
                                                     max(stage_images))
     local_images = [len(evaluator.local_indices(count)) for count in stage_images]
-    return estimate_search([buckets[target] for target in sorted(buckets)], local_images, keep,
-                           evaluator.batch_size, seconds_per_image)
+    return estimate_search([buckets[target] for target in targets], local_images, keep, evaluator.batch_size,
+                           seconds_per_image, [seeds[target] for target in targets])

@@ -1,8 +1,10 @@
 """Fast, sharded accuracy of many kept-count configurations of one classifier on a fixed set of images.
 
-What does not change between candidates is computed once per image: the preprocessed pixels and the output of
-block 0 (never compressed). Each candidate then runs blocks 1..L-1 and the head only: block 0 is replaced, for
-the duration of a search, by a module that replays the cached output. Images are sharded over the processes
+What does not change between candidates is computed once per image: the preprocessed pixels, the input of
+block 0 (the embeddings) and its uncompressed output. A candidate that leaves block 0 alone then runs blocks
+1..L-1 and the head only; one that compresses block 0 runs every block from the cached embeddings. For the duration
+of a search block 0 is replaced by a module that replays the cached output, or runs the real block on the cached
+input. Images are sharded over the processes
 of an :class:`accelerate.Accelerator` with ``split_between_processes``; per-candidate sums are gathered with
 ``gather_for_metrics``.
 """
@@ -29,13 +31,18 @@ class _StopForward(Exception):
 
 
 class _ReplayBlock(nn.Module):
-    """Stands in for block 0: returns the cached output of the current batch, passes sizes and sources on."""
+    """Stands in for block 0: returns the cached output of the current batch, passes sizes and sources on; with
+    ``run_block``, runs the real block 0 (under the plan's settings for it) on the cached input instead."""
 
-    def __init__(self) -> None:
+    def __init__(self, block: nn.Module | None = None) -> None:
         super().__init__()
         self.hidden: torch.Tensor | None = None
+        self.run_block = False
+        self._block = [block]  # a list, so the real block is not registered as a submodule twice
 
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, **kwargs):
+        if self.run_block:
+            return self._block[0](self.hidden, attention_mask, size, positions, source, **kwargs)
         return self.hidden, size, positions, source
 
 
@@ -49,7 +56,7 @@ class CachedEvaluator:
         accelerator: shards images and gathers results (one process: no sharding).
         dtype: the dtype of the forward passes (the model is converted to it).
         batch_size: images per forward pass.
-        keep_pixels: also keep the preprocessed pixels, for configurations that compress block 0 (plain ToMe).
+        keep_pixels: also keep the preprocessed pixels, to run settings end to end (:meth:`evaluate_from_pixels`).
     """
 
     def __init__(self, model: nn.Module, dataset, image_processor, accelerator, dtype: torch.dtype = torch.float32,
@@ -60,10 +67,12 @@ class CachedEvaluator:
         self.model.eval().to(device=self.device, dtype=dtype)
         self.base_config = ToMeConfig.from_dict(model.config.tome)
         self._hidden: dict[int, torch.Tensor] = {}
+        self._inputs: dict[int, torch.Tensor] = {}
         self._pixels: dict[int, torch.Tensor] = {}
         self._labels: dict[int, int] = {}
         self._reference: dict[int, torch.Tensor] = {}
         self.pixel_shape: tuple[int, ...] | None = None
+        self.num_tokens: int | None = None  # tokens entering block 0, known once an image is cached
         self.set_kept(None, None)  # block 0 must be cached uncompressed, whatever the model was set to
 
     def local_indices(self, count: int) -> list[int]:
@@ -72,18 +81,20 @@ class CachedEvaluator:
             return list(local)
 
     def cache(self, indices: Sequence[int]) -> None:
-        """Preprocess and run block 0 for the images of ``indices`` not cached yet."""
+        """Preprocess and run block 0 for the images of ``indices`` not cached yet (its input and output)."""
         missing = [index for index in indices if index not in self._hidden]
         if not missing:
             return
         layers = encoder_layers(self.model)
         captured: list[torch.Tensor] = []
+        inputs: list[torch.Tensor] = []
 
         def capture(module, args, output):
             captured.append(output[0])
             raise _StopForward
 
         hook = layers[0].register_forward_hook(capture)
+        input_hook = layers[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
         try:
             rows = self.dataset.select(missing)
             with torch.inference_mode():
@@ -95,28 +106,36 @@ class CachedEvaluator:
                         self.model(pixel_values=pixels, tome_plan=self.plan)
                     except _StopForward:
                         pass
-                    hidden = captured.pop()
+                    hidden, entering = captured.pop(), inputs.pop()
+                    self.num_tokens = int(entering.shape[1])
                     for offset, index in enumerate(missing[start : start + len(labels)]):
                         self._hidden[index] = hidden[offset]
+                        self._inputs[index] = entering[offset]
                         self._labels[index] = int(labels[offset])
                         if self.keep_pixels:
                             self._pixels[index] = pixels[offset]
         finally:
             hook.remove()
+            input_hook.remove()
 
-    def batches(self, indices: Sequence[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
-        """Cached block-0 outputs and labels of ``indices`` in batches (computing what is not cached yet)."""
+    def batches(self, indices: Sequence[int], block0_input: bool = False
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        """Cached block-0 outputs (``block0_input``: inputs) and labels of ``indices`` in batches (computing what
+        is not cached yet)."""
         self.cache(indices)
+        store = self._inputs if block0_input else self._hidden
         for start in range(0, len(indices), self.batch_size):
             chunk = list(indices[start : start + self.batch_size])
-            hidden = torch.stack([self._hidden[index] for index in chunk])
+            hidden = torch.stack([store[index] for index in chunk])
             yield hidden, torch.tensor([self._labels[index] for index in chunk], device=self.device), chunk
 
     @contextmanager
     def replaying(self) -> Iterator[_ReplayBlock]:
-        """Within the block, forward passes skip block 0 and read the hidden states set on the yielded module."""
+        """Within the block, forward passes skip block 0 and read the hidden states set on the yielded module (or
+        run block 0 on them: :meth:`logits_from_block0_input`)."""
         layers = encoder_layers(self.model)
-        original, replay = layers[0], _ReplayBlock()
+        original = layers[0]
+        replay = _ReplayBlock(original)
         layers[0] = replay
         try:
             yield replay
@@ -127,10 +146,36 @@ class CachedEvaluator:
                            plan: ReductionPlan | None = None) -> torch.Tensor:
         """Logits of the model run from cached block-0 outputs ``hidden`` (inside :meth:`replaying`), under ``plan``
         (default: the one :meth:`set_kept` built)."""
-        replay.hidden = hidden
+        replay.hidden, replay.run_block = hidden, False
         # Block 0's output is replayed, so the pixels only need the right shape (embedding them is cheap).
         pixels = torch.zeros(hidden.shape[0], *self.pixel_shape, device=self.device, dtype=self.dtype)
         return self.model(pixel_values=pixels, tome_plan=plan or self.plan).logits
+
+    def logits_from_block0_input(self, replay: _ReplayBlock, hidden: torch.Tensor,
+                                 plan: ReductionPlan | None = None) -> torch.Tensor:
+        """Logits of the model run from cached block-0 *inputs* ``hidden`` (inside :meth:`replaying`): every block
+        runs, block 0 under the plan too, so the plan may compress it."""
+        replay.hidden, replay.run_block = hidden, True
+        try:
+            pixels = torch.zeros(hidden.shape[0], *self.pixel_shape, device=self.device, dtype=self.dtype)
+            return self.model(pixel_values=pixels, tome_plan=plan or self.plan).logits
+        finally:
+            replay.run_block = False
+
+    def compresses_block0(self, config: tuple) -> bool:
+        """True when a configuration ``(prune_kept, merge_kept[, merge_match])`` reduces the tokens of block 0, so
+        it cannot start from block 0's cached output (call after :meth:`cache`)."""
+        return self.num_tokens is not None and min(config[0][0], config[1][0]) < self.num_tokens
+
+    def _logits(self, replay: _ReplayBlock, indices: Sequence[int], config: tuple
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        """Logits, labels and indices per batch of ``config`` (already set) from the cheapest cache that holds."""
+        from_input = self.compresses_block0(config)
+        for hidden, labels, chunk in self.batches(indices, block0_input=from_input):
+            if from_input:
+                yield self.logits_from_block0_input(replay, hidden), labels, chunk
+            else:
+                yield self.logits_from_block0(replay, hidden), labels, chunk
 
     def set_kept(self, prune_kept: Sequence[int] | None, merge_kept: Sequence[int] | None, r: int = 0,
                  merge_match: str = "class_attention") -> None:
@@ -146,7 +191,8 @@ class CachedEvaluator:
 
         A configuration is ``(prune_kept, merge_kept)`` or ``(prune_kept, merge_kept, merge_match)``.
 
-        Every process evaluates its share of the first ``count`` images; block 0 is replayed from the cache.
+        Every process evaluates its share of the first ``count`` images; block 0 is replayed from the cache (its
+        output, or its input for configurations that compress it).
         With ``fidelity``, the last column sums KL(uncompressed model || configuration) over the images: it
         measures the damage directly, so it ranks candidates far less noisily than labels on a few images.
         """
@@ -159,8 +205,7 @@ class CachedEvaluator:
                 self._cache_reference(replay, indices)
             for number, kept in enumerate(progress):
                 self.set_kept(*kept[:2], merge_match=kept[2] if len(kept) > 2 else "class_attention")
-                for hidden, labels, chunk in self.batches(indices):
-                    logits = self.logits_from_block0(replay, hidden)
+                for logits, labels, chunk in self._logits(replay, indices, kept):
                     totals[number, :3] += _scores(logits, labels)
                     if fidelity:
                         reference = torch.stack([self._reference[index] for index in chunk])
@@ -170,19 +215,20 @@ class CachedEvaluator:
         return self._gather(totals)
 
     def seconds_per_image(self, configs: Sequence[tuple], count: int) -> float:
-        """Forward seconds per image of ``configs`` run as :meth:`evaluate` runs them (block 0 replayed), for the
+        """Forward seconds per image of ``configs`` run as :meth:`evaluate` runs them (from block 0's cache), for the
         run-time estimate of a search: one pass of a batch of this process's share of the first ``count`` images
         per configuration, after one untimed warm-up pass; the mean over ``configs``. 0 without images."""
         indices = self.local_indices(count)[: self.batch_size]
         if not indices or not configs:
             return 0.0
-        hidden, _, _ = next(self.batches(indices))
+        self.cache(indices)
         seconds = []
         with torch.inference_mode(), self.replaying() as replay:
             for number, kept in enumerate([configs[0], *configs]):
                 self.set_kept(*kept[:2], merge_match=kept[2] if len(kept) > 2 else "class_attention")
                 begin = time.perf_counter()
-                float(self.logits_from_block0(replay, hidden)[0, 0])  # reading a value waits for the device
+                logits, _, _ = next(self._logits(replay, indices, kept))
+                float(logits[0, 0])  # reading a value waits for the device
                 if number:
                     seconds.append(time.perf_counter() - begin)
         self.set_kept(None, None)

@@ -42,15 +42,15 @@ def write_outputs(options: SearchOptions, model_name: str, table_config: ToMeCon
 
 def format_rows(payload: dict) -> str:
     """Markdown table of the budget table and the ToMe baseline."""
-    lines = ["| setting | GMACs | fraction | val. accuracy | merge match | tokens leaving each layer |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | GMACs | fraction | val. accuracy | merge match | origin | tokens leaving each layer |",
+             "|---|---|---|---|---|---|---|"]
     for row in payload["rows"]:
         name = "full" if row["fraction"] >= 0.999 else f"searched @{row.get('target')}"
         lines.append(f"| {name} | {row['gflops']:.3f} | {row['fraction']:.3f} | {100 * row['accuracy']:.2f}% | "
-                     f"{row.get('merge_match', 'class_attention')} | {row['merge_kept']} |")
+                     f"{row.get('merge_match', 'class_attention')} | {row.get('origin', '')} | {row['merge_kept']} |")
     for row in payload["tome_baseline"]:
         lines.append(f"| ToMe r={row['r']} | {row['gflops']:.3f} | {row['fraction']:.3f} | "
-                     f"{100 * row['accuracy']:.2f}% | bipartite | |")
+                     f"{100 * row['accuracy']:.2f}% | bipartite | | |")
     return "\n".join(lines)
 
 

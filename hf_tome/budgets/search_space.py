@@ -12,6 +12,11 @@ ToMe-like power-law profiles with random curvature, start and noise, and small p
 
 Every candidate also carries a merge rule (``merge_match``): the candidates take the requested rules in turn,
 so the search can find that a model is better served by class-attention merging or by bipartite matching.
+
+Block 0 is compressed like any other layer unless the space protects it (``protect_block_0``, the patent's rule,
+which measurably costs accuracy on DINOv2-S). :func:`tome_seeds` writes ToMe's own schedules (constant r and
+``(r, inflect)``, bipartite merging in every block, block 0 included) as kept counts at each target, so a search
+can always compare against them on the same images.
 """
 
 from __future__ import annotations
@@ -23,20 +28,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from hf_tome.config import MERGE_MATCHES
-from hf_tome.core.macs import EncoderShape
-from hf_tome.core.schedule import fewest_after_matching, kept_tokens_per_layer
+from hf_tome.core.macs import EncoderShape, nearest_r
+from hf_tome.core.schedule import fewest_after_matching, kept_tokens_per_layer, merge_schedule, tokens_per_layer
 from hf_tome.integration.flops import encoder_report
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One point of the search: kept counts per layer, their GMACs, and the target (bucket) it belongs to."""
+    """One point of the search: kept counts per layer, their GMACs, and the target (bucket) it belongs to.
+
+    ``origin`` says where it came from: ``"random"``, ``"canonical"``, ``"diffrate"`` or ToMe's schedule
+    (``"tome r=12"``, ``"tome r=12 inflect=-0.5"``; see :func:`tome_seeds`).
+    """
 
     prune_kept: tuple[int, ...]
     merge_kept: tuple[int, ...]
     gmacs: float
     target: int = 0
     merge_match: str = "class_attention"
+    origin: str = "random"
+
+    @property
+    def is_tome_seed(self) -> bool:
+        """True for ToMe's own schedules (:func:`tome_seeds`), which join a staged search at its last stage."""
+        return self.origin.startswith("tome")
 
     @property
     def setting(self) -> tuple[tuple[int, ...], tuple[int, ...], str]:
@@ -48,22 +63,37 @@ class Candidate:
 class SearchSpace:
     """Kept-count vectors for an encoder with ``shape`` (``num_patches`` set to the searched input size).
 
-    Every layer keeps at least ``min_kept`` tokens (the protected ones plus at least one patch token).
+    Every layer keeps at least ``min_kept`` tokens (the protected ones plus at least one patch token). With
+    ``protect_block_0`` block 0 keeps every token (the patent's rule) and profiles cover layers 1..L-1; without
+    it they cover all L layers.
     """
 
     shape: EncoderShape
     min_kept: int
+    protect_block_0: bool = False
 
     @classmethod
-    def for_shape(cls, shape: EncoderShape, min_fraction: float = 0.05) -> SearchSpace:
+    def for_shape(cls, shape: EncoderShape, min_fraction: float = 0.05,
+                  protect_block_0: bool = False) -> SearchSpace:
         """The space for ``shape``; at least ``min_fraction`` of the patch tokens survive every layer."""
         floor = shape.protected + max(1, round(min_fraction * shape.num_patches))
-        return cls(shape, floor)
+        return cls(shape, floor, protect_block_0)
 
     @classmethod
-    def for_tokens(cls, shape: EncoderShape, num_tokens: int, min_fraction: float = 0.05) -> SearchSpace:
+    def for_tokens(cls, shape: EncoderShape, num_tokens: int, min_fraction: float = 0.05,
+                   protect_block_0: bool = False) -> SearchSpace:
         """The space for ``num_tokens`` tokens entering block 0 (protected included)."""
-        return cls.for_shape(replace(shape, num_patches=num_tokens - shape.protected), min_fraction)
+        return cls.for_shape(replace(shape, num_patches=num_tokens - shape.protected), min_fraction, protect_block_0)
+
+    @property
+    def first_layer(self) -> int:
+        """The first layer a candidate may compress: 1 with ``protect_block_0``, else 0."""
+        return 1 if self.protect_block_0 else 0
+
+    @property
+    def steps(self) -> int:
+        """How many layers a profile covers (the compressible ones)."""
+        return self.num_layers - self.first_layer
 
     @property
     def num_tokens(self) -> int:
@@ -86,15 +116,16 @@ class SearchSpace:
 
     def kept_lists(self, profile: list[float], share: list[float], scale: float,
                    merge_match: str = "class_attention") -> tuple[list[int], list[int]]:
-        """Kept counts from a profile (one value per layer after the first), prune shares and a scale in [0, 1].
+        """Kept counts from a profile (one value per compressible layer, :attr:`steps`), prune shares and a scale
+        in [0, 1].
 
-        Layer i keeps ``N - round(scale * profile[i-1] * (N - min_kept))`` tokens after merging; of what it
-        removes, ``round(share[i-1] * removed)`` tokens are pruned and the rest merged. With ``"bipartite"``
-        matching a layer merges at most half of the unprotected survivors of pruning; the removal it cannot
-        merge is left to the next layers.
+        Compressible layer i keeps ``N - round(scale * profile[i - first_layer] * (N - min_kept))`` tokens after
+        merging (a protected block 0 keeps all N); of what it removes, ``round(share[i - first_layer] * removed)``
+        tokens are pruned and the rest merged. With ``"bipartite"`` matching a layer merges at most half of the
+        unprotected survivors of pruning; the removal it cannot merge is left to the next layers.
         """
         total = self.num_tokens
-        prune_kept, merge_kept = [total], [total]
+        prune_kept, merge_kept = [total] * self.first_layer, [total] * self.first_layer
         tokens = total
         for depth_profile, depth_share in zip(profile, share, strict=True):
             merged = min(tokens, total - round(scale * depth_profile * (total - self.min_kept)))
@@ -129,15 +160,28 @@ class SearchSpace:
         return Candidate(tuple(prune_kept), tuple(merge_kept), self.gmacs(prune_kept, merge_kept), target_index,
                          merge_match)
 
+    def tome_kept_lists(self, r: int, inflect: float = 0.0) -> tuple[list[int], list[int]]:
+        """ToMe's ``(r, inflect)`` schedule as kept counts: no pruning, bipartite merging of the schedule's r in
+        every layer (clamped like ToMe's), block 0 included unless the space protects it. Run with
+        ``merge_match="bipartite"`` it is ToMe itself."""
+        schedule = merge_schedule(r, self.num_layers, inflect)
+        schedule[: self.first_layer] = [0] * self.first_layer
+        counts = tokens_per_layer(self.num_tokens, schedule, self.shape.protected)
+        return counts[:-1], counts[1:]
 
-def random_profile(rng: random.Random, num_layers: int) -> tuple[list[float], list[float]]:
-    """A random removal profile and prune shares for layers 1..L-1 (layer 0 is never compressed).
+    def tome_gmacs(self, r: int, inflect: float = 0.0) -> float:
+        """GMACs per image of :meth:`tome_kept_lists`."""
+        return self.gmacs(*self.tome_kept_lists(r, inflect))
+
+
+def random_profile(rng: random.Random, num_layers: int, first_layer: int = 1) -> tuple[list[float], list[float]]:
+    """A random removal profile and prune shares for layers ``first_layer``..L-1 (1: block 0 left alone).
 
     Profiles are cumulative Dirichlet draws (sometimes starting late), so removal can be front-loaded, even or
     concentrated in a few layers. Shares cluster around a per-candidate mix, with pure merging and pure pruning
     each drawn 15% of the time.
     """
-    steps = num_layers - 1
+    steps = num_layers - first_layer
     concentration = 10 ** rng.uniform(-0.7, 0.7)
     increments = [rng.gammavariate(concentration, 1.0) for _ in range(steps)]
     if rng.random() < 0.5:
@@ -157,15 +201,15 @@ def random_profile(rng: random.Random, num_layers: int) -> tuple[list[float], li
     return profile, share
 
 
-def shaped_profile(rng: random.Random, num_layers: int) -> tuple[list[float], list[float]]:
-    """A random schedule shaped like a good one, and small prune shares, for layers 1..L-1.
+def shaped_profile(rng: random.Random, num_layers: int, first_layer: int = 1) -> tuple[list[float], list[float]]:
+    """A random schedule shaped like a good one, and small prune shares, for layers ``first_layer``..L-1.
 
     The profile follows ``((i + 1) / n) ** gamma`` from a start layer on (``gamma`` log-uniform in [0.5, 3]:
     front-loaded, even like constant-r ToMe, or back-loaded; removal starts late 30% of the time), with
     log-normal noise of a random strength on each layer's increment. Half of the candidates merge only; the
     others prune a per-candidate share drawn up to 0.3 (more often near 0), jittered per layer.
     """
-    steps = num_layers - 1
+    steps = num_layers - first_layer
     start = rng.randrange(1, steps // 3 + 1) if rng.random() < 0.3 and steps > 3 else 0
     gamma = math.exp(rng.uniform(math.log(0.5), math.log(3.0)))
     noise = rng.uniform(0.0, 0.5)
@@ -184,26 +228,57 @@ def shaped_profile(rng: random.Random, num_layers: int) -> tuple[list[float], li
     return profile, [min(1.0, max(0.0, rng.gauss(mix, 0.05))) for _ in range(steps)]
 
 
-def canonical_profiles(num_layers: int) -> list[tuple[list[float], list[float]]]:
+def canonical_profiles(num_layers: int, first_layer: int = 1) -> list[tuple[list[float], list[float]]]:
     """A few hand-made shapes tried before the random ones: even removal per layer (like constant-r ToMe) and
-    front-loaded removal (like ToMe's decreasing schedule), each as pure merging, half-and-half and pure pruning.
+    front-loaded removal (like ToMe's decreasing schedule), each as pure merging, half-and-half and pure pruning,
+    for layers ``first_layer``..L-1.
     """
-    steps = num_layers - 1
+    steps = num_layers - first_layer
     even = [(i + 1) / steps for i in range(steps)]
     weights = [steps - i for i in range(steps)]
     front = [sum(weights[: i + 1]) / sum(weights) for i in range(steps)]
     return [(profile, [share] * steps) for profile in (even, front) for share in (0.0, 0.5, 1.0)]
 
 
+def tome_seeds(space: SearchSpace, targets_gmacs: Sequence[float], inflects: Sequence[float] = (0.0, -0.5, 0.5),
+               ) -> list[Candidate]:
+    """ToMe's own schedules at every target: for each ``inflect``, the smallest r whose ``(r, inflect)`` schedule
+    costs at most the target (as ``hf_tome.integration.flops.constant_r_for_macs`` picks it), written as kept counts
+    (:meth:`SearchSpace.tome_kept_lists`) with ``merge_match="bipartite"`` and ``origin="tome r=..."``.
+
+    A target within 1e-9 (relative) of a schedule's GMACs counts as reaching it (targets computed from ToMe's own
+    MACs round-trip through fractions). Schedules that repeat one already listed for the target are dropped;
+    targets no schedule reaches get none.
+    """
+    seeds: list[Candidate] = []
+    for index, target in enumerate(targets_gmacs):
+        seen: set[tuple] = set()
+        for inflect in inflects:
+            r = nearest_r(lambda value, inflect=inflect: space.tome_gmacs(value, inflect), target * (1 + 1e-9),
+                          space.num_tokens - 1, side="at_most")
+            if r is None:
+                continue
+            prune_kept, merge_kept = space.tome_kept_lists(r, inflect)
+            if (tuple(prune_kept), tuple(merge_kept)) in seen:
+                continue
+            seen.add((tuple(prune_kept), tuple(merge_kept)))
+            origin = f"tome r={r}" if inflect == 0 else f"tome r={r} inflect={inflect:g}"
+            seeds.append(Candidate(tuple(prune_kept), tuple(merge_kept), space.gmacs(prune_kept, merge_kept), index,
+                                   "bipartite", origin))
+    return seeds
+
+
 def sample_candidates(space: SearchSpace, targets_gmacs: list[float], count: int, seed: int = 0,
                       canonical: bool = True, shaped: float = 0.75,
-                      merge_matches: Sequence[str] = MERGE_MATCHES) -> list[Candidate]:
+                      merge_matches: Sequence[str] = MERGE_MATCHES,
+                      tome_inflects: Sequence[float] = ()) -> list[Candidate]:
     """``count`` candidates spread evenly over the targets, each just under its target's GMACs.
 
     With ``canonical``, each target's first candidates are :func:`canonical_profiles` (when they fit in the
     count), the rest random: a ``shaped`` fraction from :func:`shaped_profile`, the others from
     :func:`random_profile`. Candidates take the ``merge_matches`` in turn, so every rule gets its share.
-    Deterministic for a seed, so every process of a distributed search draws the same.
+    ``tome_inflects`` adds ToMe's own schedules (:func:`tome_seeds`) first, on top of ``count``; a random draw
+    that repeats one is dropped. Deterministic for a seed, so every process of a distributed search draws the same.
     """
     if not 0.0 <= shaped <= 1.0:
         raise ValueError(f"shaped={shaped!r} is invalid: expected a fraction in [0, 1]")
@@ -215,28 +290,33 @@ def sample_candidates(space: SearchSpace, targets_gmacs: list[float], count: int
     per_target = max(1, count // len(targets_gmacs))
     candidates: list[Candidate] = []
     seen: set[tuple] = set()  # different draws can round to the same counts: evaluate each setting once
+    layers, first = space.num_layers, space.first_layer
     for index, target in enumerate(targets_gmacs):
+        for seed_candidate in tome_seeds(space, [target], tome_inflects):
+            if seed_candidate.setting not in seen:
+                seen.add(seed_candidate.setting)
+                candidates.append(replace(seed_candidate, target=index))
         found, attempts = 0, 0
-        if canonical and per_target > 2 * len(canonical_profiles(space.num_layers)) * len(merge_matches):
-            for (profile, share), match in itertools.product(canonical_profiles(space.num_layers), merge_matches):
+        if canonical and per_target > 2 * len(canonical_profiles(layers, first)) * len(merge_matches):
+            for (profile, share), match in itertools.product(canonical_profiles(layers, first), merge_matches):
                 candidate = space.fit(profile, share, target, index, match)
                 if candidate is not None and candidate.setting not in seen:
                     seen.add(candidate.setting)
-                    candidates.append(candidate)
+                    candidates.append(replace(candidate, origin="canonical"))
                     found += 1
         while found < per_target and attempts < 50 * per_target:
             attempts += 1
             draw = shaped_profile if rng.random() < shaped else random_profile
             match = merge_matches[attempts % len(merge_matches)]
-            candidate = space.fit(*draw(rng, space.num_layers), target, index, match)
+            candidate = space.fit(*draw(rng, layers, first), target, index, match)
             if candidate is not None and candidate.setting not in seen:
                 seen.add(candidate.setting)
                 candidates.append(candidate)
                 found += 1
         if found == 0:
-            steps = space.num_layers - 1
+            steps = space.steps
             # Pruning everything is the smallest configuration of either rule (bipartite merging halves at most).
             lowest = space.gmacs(*space.kept_lists([1.0] * steps, [1.0] * steps, 1.0))
             raise ValueError(f"FLOPs target {target:.4g} GMACs is out of reach: the smallest configuration (keeping "
-                             f"{space.min_kept} tokens from layer 1 on) costs {lowest:.4g} GMACs")
+                             f"{space.min_kept} tokens from layer {first} on) costs {lowest:.4g} GMACs")
     return candidates
