@@ -6,6 +6,10 @@ kept as is (no labels are used). Accuracy on Fashion-MNIST test images, images/s
 same run (round-robin rounds, median), MACs from the spec's formula. Prints a table, writes JSON and a plot.
 
     python benchmarks/dcvit_vs_blockdrop.py --target 0.75 --num-images 500 --test-images 2000
+
+The fine-tuning defaults are the published recipe's (``hf_tome.dcvit.recipe``: 2,000 iterations of batch 64 per
+block, colour jitter, 20-epoch warm-up, weight decay 1e-4); ``--budget-minutes`` scales them to the time available
+(each of the two compressions gets half of it).
 """
 
 from __future__ import annotations
@@ -51,10 +55,20 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.75)
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--test-images", type=int, default=2000)
-    parser.add_argument("--epochs-per-block", type=float, default=2.0)
-    parser.add_argument("--final-epochs", type=float, default=0.0)
+    defaults = CompressOptions()
+    parser.add_argument("--iterations-per-block", type=int, default=defaults.iterations_per_block)
+    parser.add_argument("--final-iterations", type=int, default=defaults.final_iterations)
+    parser.add_argument("--trial-iterations", type=int, default=defaults.trial_iterations)
+    parser.add_argument("--epochs-per-block", type=float, default=None, help="deprecated alias (epochs of the images)")
+    parser.add_argument("--final-epochs", type=float, default=None, help="deprecated alias (epochs of the images)")
+    parser.add_argument("--trial-epochs", type=float, default=None, help="deprecated alias (epochs of the images)")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="for both compressions together")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--pool-copies", type=int, default=defaults.pool_copies)
+    parser.add_argument("--train-scope", choices=["prefix", "local"], default=defaults.train_scope)
+    parser.add_argument("--logits-weight", type=float, default=defaults.logits_weight)
     parser.add_argument("--resume", action="store_true", help="continue the runs in --out (e.g. with --final-epochs)")
-    parser.add_argument("--trial-epochs", type=float, default=0.25)
     parser.add_argument("--metric-images", type=int, default=32)
     parser.add_argument("--metric-steps", type=int, default=40)
     parser.add_argument("--mixed-precision", default="bf16")
@@ -75,8 +89,12 @@ def main() -> None:
             start = time.perf_counter()
             summary = run_compress(CompressOptions(
                 target=args.target, method=method, num_images=args.num_images, out=out,
-                epochs_per_block=args.epochs_per_block, trial_epochs=args.trial_epochs,
-                final_epochs=args.final_epochs, resume=args.resume,
+                iterations_per_block=args.iterations_per_block, final_iterations=args.final_iterations,
+                trial_iterations=args.trial_iterations, epochs_per_block=args.epochs_per_block,
+                trial_epochs=args.trial_epochs, final_epochs=args.final_epochs, resume=args.resume,
+                budget_minutes=None if args.budget_minutes is None else args.budget_minutes / 2,
+                batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, pool_copies=args.pool_copies,
+                train_scope=args.train_scope, logits_weight=args.logits_weight,
                 metric_images=args.metric_images, metric_steps=args.metric_steps,
                 mixed_precision=args.mixed_precision))
             summary["wall_seconds"] = time.perf_counter() - start

@@ -112,13 +112,14 @@ def test_every_option_has_help_showing_its_default_once():
             expected = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
             assert text.endswith(f"(default: {expected})"), f"{name} {action.option_strings[0]}: {text!r}"
             shown += 1
-    assert shown == 108  # bench 5 + export 3 + (serve 13 + search 19 + compress 18) twice: as hf-tome X and python -m
+    assert shown == 126  # bench 5 + export 3 + (serve 13 + search 21 + compress 25) twice: as hf-tome X and python -m
 
 
 @pytest.mark.parametrize("command, option, expected", [
-    ("search", "--candidates", "(default: 10000)"),
+    ("search", "--strategy", "(default: halving)"),
+    ("search", "--tome-seeds", "(default: 0.0 -0.5 0.5)"),
     ("search", "--targets", "(default: 0.7 0.55)"),
-    ("search", "--stage-images", "(default: 64 256 1024)"),
+    ("search", "--stage-images", "staged, 64 256 1024)"),
     ("search", "--split", "(default: train)"),
     ("search", "--out", "(default: results/search)"),
     ("compress", "--lr", "(default: 3e-05)"),
@@ -144,7 +145,7 @@ def test_python_m_parsers_show_defaults(module, capsys):
         main(["--help"])
     assert exit.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert ("(default: 10000)" if module.endswith("search") else "(default: 0.75)") in text
+    assert ("(default: halving)" if module.endswith("search") else "(default: 0.75)") in text
 
 
 def test_the_server_parser_shows_defaults(monkeypatch, capsys):

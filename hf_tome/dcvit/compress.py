@@ -17,6 +17,7 @@ import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,10 +27,12 @@ from torch import nn
 
 from hf_tome.core.cli_help import DefaultsHelpFormatter
 from hf_tome.dcvit.block_budget import block_costs, plan_blocks
-from hf_tome.dcvit.blocks import CONFIG_KEY, encoder_layers, record_compression, split_units
+from hf_tome.dcvit.blocks import CONFIG_KEY, compress_layer, encoder_layers, record_compression, split_units
 from hf_tome.dcvit.metric_set import generate_metric_set
-from hf_tome.dcvit.mimic import feature_mse, output_tokens
+from hf_tome.dcvit.mimic import feature_mse, finetune_mimic
 from hf_tome.dcvit.options import CompressOptions, add_compress_arguments
+from hf_tome.dcvit.pool import AugmentedPool, build_pool, cache_teacher
+from hf_tome.dcvit.recipe import StepCosts, TrainingPlan, epochs_to_iterations, fit_to_budget, warmup_iterations
 from hf_tome.dcvit.trial import (
     STATE_MODEL,
     CompressionState,
@@ -112,12 +115,64 @@ def _measure(options: CompressOptions, original: nn.Module, compressed: nn.Modul
             "eval_images": len(dataset), "speed_setup": "float32 forward passes, batch 32, on the evaluation machine"}
 
 
-def run_compress(options: CompressOptions) -> dict:
-    """Run the whole compression; returns the summary also written to ``options.out/compress.json``."""
+def training_plan(options: CompressOptions, num_blocks: int, num_candidates: int) -> TrainingPlan:
+    """The iterations of every phase from the options (the deprecated ``*_epochs`` aliases win when given)."""
+    def iterations(value: int, epochs: float | None) -> int:
+        return value if epochs is None else (0 if epochs <= 0 else
+                                             epochs_to_iterations(epochs, options.num_images, options.batch_size))
+
+    return TrainingPlan(per_block=iterations(options.iterations_per_block, options.epochs_per_block),
+                        final=iterations(options.final_iterations, options.final_epochs),
+                        trial=iterations(options.trial_iterations, options.trial_epochs), num_blocks=num_blocks,
+                        num_candidates=num_candidates)
+
+
+def measure_costs(original: nn.Module, pool: AugmentedPool, kept_units: int, accelerator: Accelerator,
+                  options: CompressOptions, pool_seconds: float, plan: TrainingPlan, steps: int = 3) -> StepCosts:
+    """Time ``steps`` fine-tuning steps (after one untimed) on a copy of ``original`` with its middle block
+    compressed, for the training and the trial scope, and estimate the work that does not scale with the
+    iterations from ``pool_seconds`` (the teacher's pass over the pool)."""
+    middle = len(encoder_layers(original)) // 2
+
+    def step_seconds(scope: str) -> float:
+        probe = copy.deepcopy(original)
+        compress_layer(encoder_layers(probe)[middle], kept_units)
+        timings: list[float] = []
+        finetune_mimic(probe, pool, None, [middle], accelerator, iterations=steps + 1, batch_size=options.batch_size,
+                       lr=0.0, scope=scope, micro_batch_size=options.micro_batch_size,
+                       logits_weight=options.logits_weight, cache_dtype=_cache_dtype(options),
+                       timings=timings, description="measuring a step")
+        return sorted(timings[1:])[len(timings[1:]) // 2]
+
+    step = step_seconds(options.train_scope)
+    trial = step if options.trial_scope == options.train_scope else step_seconds(options.trial_scope)
+    per_cache = {"prefix": 0.05, "local": 0.5}  # share of a teacher pass a frozen-prefix cache costs, roughly
+    caches = (per_cache[options.train_scope] * (plan.num_blocks + (plan.final > 0))
+              + per_cache[options.trial_scope] * plan.num_candidates)
+    evaluations = (2 * plan.num_blocks + plan.num_candidates) * len(pool.pixels) / len(pool)  # MSE, trial scores
+    return StepCosts(step=step, trial_step=trial, fixed=pool_seconds * (caches + evaluations))
+
+
+def _cache_dtype(options: CompressOptions) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.cache_dtype]
+
+
+def _finetune_settings(options: CompressOptions, iterations: int, scope: str) -> dict:
+    return {"iterations": iterations, "scope": scope, "weight_decay": options.weight_decay,
+            "warmup": warmup_iterations(iterations, options.num_images, options.batch_size,
+                                        options.warmup_iterations),
+            "micro_batch_size": options.micro_batch_size, "logits_weight": options.logits_weight,
+            "cache_dtype": _cache_dtype(options), "seed": options.seed}
+
+
+def run_compress(options: CompressOptions, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Run the whole compression; returns the summary also written to ``options.out/compress.json``.
+
+    ``clock`` (seconds) times the run and the ``--budget-minutes`` measurement."""
     from transformers import AutoImageProcessor
 
     accelerator = make_accelerator(**({"mixed_precision": options.mixed_precision} if options.mixed_precision else {}))
-    started = time.perf_counter()
+    started = clock()
     torch.manual_seed(options.seed)
     if options.model is None:
         from hf_tome.evaluation.assets.default_model import default_model_path
@@ -134,29 +189,46 @@ def run_compress(options: CompressOptions) -> dict:
     costs = block_costs(original, image_size)
     plan = plan_blocks(costs, options.target, options.method)
     state_dir = options.out / "state"
-    teacher = output_tokens(original, pixels, accelerator=accelerator, description="original features")
+    pool = build_pool(pixels, options.pool_copies, options.augment, options.seed,
+                      getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None))
+    pool_started = clock()
+    cache_teacher(pool, original, accelerator, logits=options.logits_weight > 0, dtype=_cache_dtype(options),
+                  description="teacher outputs" if accelerator.is_local_main_process else None)
+    pool_seconds = clock() - pool_started
+    teacher = pool.teacher_tokens[: len(pixels)].float().cpu()  # copy 0 of every image: the images as given
     importance = (activation_importance(original, pixels[:64].to(accelerator.device))
                   if options.importance == "activation" else None)
+    candidates = list(range(1, costs.num_layers - 1))
+    per_block = plan.kept_units // plan.num_blocks
+    training = training_plan(options, plan.num_blocks, len(candidates))
+    if options.budget_minutes is not None:
+        step_costs = measure_costs(original, pool, per_block, accelerator, options, pool_seconds, training)
+        training = fit_to_budget(training, step_costs, options.budget_minutes * 60 - (clock() - started))
+        if accelerator.is_local_main_process:
+            print(f"budget {options.budget_minutes:g} min: {step_costs.step:.3f} s per step, "
+                  f"{step_costs.trial_step:.3f} s per trial step, {step_costs.fixed / 60:.1f} min of fixed work")
+    if accelerator.is_local_main_process:
+        print(f"{training.describe()}; pool of {len(pool)} entries ({options.pool_copies} copies, {options.augment}), "
+              f"batch {options.batch_size}, teacher pass {pool_seconds:.1f} s")
     state = CompressionState.load(state_dir) if options.resume else None
     metric_losses = None
     if state is None:
         state = CompressionState(method=options.method, target=options.target)
         score, metric_losses = _metric_scorer(options, original, pixels, teacher, accelerator, state_dir)
-        candidates = list(range(1, costs.num_layers - 1))
-        per_block = plan.kept_units // plan.num_blocks
-        scores = trial_blocks(original, candidates, per_block, pixels, teacher, accelerator, score, importance,
-                              epochs=options.trial_epochs, batch_size=options.batch_size, lr=options.lr)
+        scores = trial_blocks(original, candidates, per_block, pool, None, accelerator, score, importance,
+                              batch_size=options.batch_size, lr=options.lr,
+                              **_finetune_settings(options, training.trial, options.trial_scope))
         state.trial_scores = {str(block): value for block, value in scores.items()}
         state.order = sorted(scores, key=scores.get)[: plan.num_blocks]
         state.widths = {str(b): units for b, units in split_units(plan.kept_units, sorted(state.order)).items()}
         if accelerator.is_main_process:
             state.save(state_dir)
     student = _load_model(str(state_dir / STATE_MODEL)) if state.done else copy.deepcopy(original)
-    student = progressive_compress(student.to(accelerator.device), state, pixels, teacher, accelerator, state_dir,
-                                   importance, epochs=options.epochs_per_block, batch_size=options.batch_size,
-                                   lr=options.lr)
-    student = final_finetune(student, state, pixels, teacher, accelerator, state_dir, options.final_epochs,
-                             batch_size=options.batch_size, lr=options.lr)
+    student = progressive_compress(student.to(accelerator.device), state, pool, None, accelerator, state_dir,
+                                   importance, batch_size=options.batch_size, lr=options.lr,
+                                   **_finetune_settings(options, training.per_block, options.train_scope))
+    student = final_finetune(student, state, pool, None, accelerator, state_dir, batch_size=options.batch_size,
+                             lr=options.lr, **_finetune_settings(options, training.final, options.train_scope))
     report = compute_report(student, image_size)
     full_gmacs = costs.full_macs / 1e9
     details = {"method": options.method, "target": options.target, "base_model": model_name,
@@ -168,7 +240,8 @@ def run_compress(options: CompressOptions) -> dict:
     summary = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
                "block_compression": getattr(student.config, CONFIG_KEY), "planned_gmacs": plan.planned_macs / 1e9,
                "target_gmacs": plan.target_macs / 1e9, "feature_mse": state.feature_mse, "losses": state.losses,
-               "metric_set_losses": metric_losses, "seconds": time.perf_counter() - started}
+               "metric_set_losses": metric_losses, "training_plan": asdict(training),
+               "seconds": clock() - started}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from hf_tome.dcvit.model_card import push_compressed_to_hub, save_with_card

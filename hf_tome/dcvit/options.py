@@ -7,6 +7,17 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from hf_tome.dcvit.recipe import (
+    DEFAULT_FINAL_ITERATIONS,
+    DEFAULT_POOL_COPIES,
+    DEFAULT_TRIAL_ITERATIONS,
+    RECIPE_AUGMENT,
+    RECIPE_BATCH_SIZE,
+    RECIPE_ITERATIONS_PER_BLOCK,
+    RECIPE_LR,
+    RECIPE_WEIGHT_DECAY,
+)
+
 
 @dataclass
 class CompressOptions:
@@ -21,11 +32,24 @@ class CompressOptions:
     image_column: str = "image"
     out: Path = Path("results/compress")
     resume: bool = False
-    epochs_per_block: float = 2.0
-    final_epochs: float = 0.0
-    trial_epochs: float = 0.25
-    batch_size: int = 16
-    lr: float = 3e-5
+    iterations_per_block: int = RECIPE_ITERATIONS_PER_BLOCK
+    final_iterations: int = DEFAULT_FINAL_ITERATIONS
+    trial_iterations: int = DEFAULT_TRIAL_ITERATIONS
+    epochs_per_block: float | None = None  # deprecated aliases: epochs of the images, turned into iterations
+    final_epochs: float | None = None
+    trial_epochs: float | None = None
+    budget_minutes: float | None = None
+    batch_size: int = RECIPE_BATCH_SIZE
+    micro_batch_size: int | None = None
+    lr: float = RECIPE_LR
+    weight_decay: float = RECIPE_WEIGHT_DECAY
+    warmup_iterations: int | None = None
+    augment: str = RECIPE_AUGMENT
+    pool_copies: int = DEFAULT_POOL_COPIES
+    train_scope: str = "prefix"
+    trial_scope: str = "local"
+    logits_weight: float = 0.0
+    cache_dtype: str = "float32"
     metric_images: int = 32
     metric_steps: int = 40
     importance: str = "activation"
@@ -53,14 +77,41 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default=defaults.image_column, help="column of --data holding the images")
     parser.add_argument("--out", type=Path, default=defaults.out, help="output folder (model/, state/, compress.json)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/state")
-    parser.add_argument("--epochs-per-block", type=float, default=defaults.epochs_per_block,
-                        help="feature-mimicking epochs on the unlabeled images after each compressed block")
-    parser.add_argument("--final-epochs", type=float, default=defaults.final_epochs,
-                        help="more feature mimicking once every block is compressed (all of them trainable)")
-    parser.add_argument("--trial-epochs", type=float, default=defaults.trial_epochs,
-                        help="feature-mimicking epochs of each block's trial compression (which blocks to compress)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per fine-tuning step")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate of the fine-tuning")
+    parser.add_argument("--iterations-per-block", type=int, default=defaults.iterations_per_block,
+                        help="feature-mimicking steps after each compressed block (the published recipe's)")
+    parser.add_argument("--final-iterations", type=int, default=defaults.final_iterations,
+                        help="more feature-mimicking steps once every block is compressed (all of them trainable)")
+    parser.add_argument("--trial-iterations", type=int, default=defaults.trial_iterations,
+                        help="feature-mimicking steps of each block's trial compression (which blocks to compress)")
+    for name, replaces in (("epochs-per-block", "iterations-per-block"), ("final-epochs", "final-iterations"),
+                           ("trial-epochs", "trial-iterations")):
+        parser.add_argument(f"--{name}", type=float, default=None, help=f"deprecated alias of --{replaces}: "
+                            "epochs of the unlabeled images, turned into iterations (round(epochs x images / batch))")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="measure a step at start and scale every phase's iterations to fit this many minutes "
+                        "(default: no budget, the iterations as given)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="images per fine-tuning step, over all devices")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="images per forward pass, the gradients "
+                        "accumulated up to --batch-size (default: the whole batch at once)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the fine-tuning")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help="AdamW weight decay of the weight matrices (none on biases and norms)")
+    parser.add_argument("--warmup-iterations", type=int, default=None, help="linear learning-rate warm-up steps of "
+                        "each phase (default: the recipe's 20 epochs of the images, at most 10%% of a phase)")
+    parser.add_argument("--augment", choices=["color-jitter", "none"], default=defaults.augment,
+                        help="augmentation of the pool copies: colour jitter and horizontal flip, or none")
+    parser.add_argument("--pool-copies", type=int, default=defaults.pool_copies,
+                        help="versions of every image (the first unchanged) whose teacher outputs are computed once")
+    parser.add_argument("--train-scope", choices=["prefix", "local"], default=defaults.train_scope,
+                        help="blocks trained after each compressed block: every block up to one past the deepest "
+                        "compressed one (prefix, the spec) or only the new block and the next (local, faster)")
+    parser.add_argument("--trial-scope", choices=["prefix", "local"], default=defaults.trial_scope,
+                        help="blocks trained in each block trial (see --train-scope)")
+    parser.add_argument("--logits-weight", type=float, default=defaults.logits_weight,
+                        help="weight of a KL term on the class predictions added to the token MSE (0: tokens only)")
+    parser.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=defaults.cache_dtype,
+                        help="dtype of the cached teacher outputs and frozen-prefix states (bfloat16: half the memory)")
     parser.add_argument("--metric-images", type=int, default=defaults.metric_images,
                         help="synthetic images (generated from noise) that score the block trials of a classifier")
     parser.add_argument("--metric-steps", type=int, default=defaults.metric_steps,

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from hf_tome.dcvit.blocks import compress_layer, encoder_layers, mlp_width, record_compression, unit_importance
 from hf_tome.dcvit.mimic import class_log_probs, feature_mse, finetune_mimic, prediction_divergence
+from hf_tome.dcvit.pool import AugmentedPool
 
 STATE_FILE = "progress.json"
 STATE_MODEL = "model"
@@ -82,26 +84,36 @@ def save_state(student: nn.Module, state: CompressionState, accelerator: Acceler
     accelerator.wait_for_everyone()
 
 
+def _evaluation_pair(pool: AugmentedPool | torch.Tensor, teacher_tokens: torch.Tensor | None):
+    """The images as given and the teacher's tokens for them (a pool's first copy is the images unchanged)."""
+    if isinstance(pool, AugmentedPool):
+        return pool.pixels, pool.teacher_tokens[: len(pool.pixels)].float().cpu()
+    return pool, teacher_tokens
+
+
 def trial_blocks(
     original: nn.Module,
     candidates: list[int],
     kept_units: int,
-    pixel_values: torch.Tensor,
-    teacher_tokens: torch.Tensor,
+    pixel_values: AugmentedPool | torch.Tensor,
+    teacher_tokens: torch.Tensor | None,
     accelerator: Accelerator,
     score: Callable[[nn.Module], float],
     importance: list[torch.Tensor] | None = None,
-    epochs: float = 0.25,
+    epochs: float | None = None,
     batch_size: int = 16,
     lr: float = 3e-5,
+    **finetune: Any,
 ) -> dict[int, float]:
-    """Compress each candidate block alone, fine-tune briefly, and score it (lower: safer to compress)."""
+    """Compress each candidate block alone, fine-tune briefly, and score it (lower: safer to compress).
+
+    ``finetune`` goes to :func:`finetune_mimic` (``iterations``, ``scope``, ...); ``epochs`` as there."""
     scores = {}
     for block in tqdm(candidates, desc="block trial", disable=not accelerator.is_local_main_process):
         student = copy.deepcopy(original)
         compress_layer(encoder_layers(student)[block], kept_units, importance[block] if importance else None)
         finetune_mimic(student, pixel_values, teacher_tokens, [block], accelerator, epochs=epochs,
-                       batch_size=batch_size, lr=lr, description=f"trial block {block}")
+                       batch_size=batch_size, lr=lr, description=f"trial block {block}", **finetune)
         scores[block] = score(student)
         del student
     return scores
@@ -110,46 +122,55 @@ def trial_blocks(
 def progressive_compress(
     student: nn.Module,
     state: CompressionState,
-    pixel_values: torch.Tensor,
-    teacher_tokens: torch.Tensor,
+    pixel_values: AugmentedPool | torch.Tensor,
+    teacher_tokens: torch.Tensor | None,
     accelerator: Accelerator,
     state_dir: Path,
     importance: list[torch.Tensor] | None = None,
-    epochs: float = 2.0,
+    epochs: float | None = None,
     batch_size: int = 16,
     lr: float = 3e-5,
+    **finetune: Any,
 ) -> nn.Module:
     """Compress ``state.order``'s blocks one at a time, fine-tuning after each; saves the state after each block.
 
-    Blocks already in ``state.done`` (a resumed run whose ``student`` was loaded from the state) are skipped.
+    Blocks already in ``state.done`` (a resumed run whose ``student`` was loaded from the state) are skipped. The
+    ``"local"`` scope trains the new block (and the next one) only; ``"prefix"`` every block up to one past the
+    deepest compressed one. ``finetune`` goes to :func:`finetune_mimic`.
     """
     layers = encoder_layers(student)
+    eval_pixels, eval_teacher = _evaluation_pair(pixel_values, teacher_tokens)
     for block in state.order:
         if block in state.done:
             continue
         compress_layer(layers[block], state.widths[str(block)], importance[block] if importance else None)
         record_compression(student, method=state.method, target=state.target)
-        state.feature_mse[f"{block} before fine-tuning"] = feature_mse(student, pixel_values, teacher_tokens,
+        state.feature_mse[f"{block} before fine-tuning"] = feature_mse(student, eval_pixels, eval_teacher,
                                                                       accelerator=accelerator)
-        losses = finetune_mimic(student, pixel_values, teacher_tokens, [*state.done, block], accelerator,
-                                epochs=epochs, batch_size=batch_size, lr=lr, description=f"block {block}")
+        trained = [block] if finetune.get("scope") == "local" else [*state.done, block]
+        losses = finetune_mimic(student, pixel_values, teacher_tokens, trained, accelerator, epochs=epochs,
+                                batch_size=batch_size, lr=lr, description=f"block {block}", **finetune)
         state.done.append(block)
         state.losses[str(block)] = losses
-        state.feature_mse[f"{block} after fine-tuning"] = feature_mse(student, pixel_values, teacher_tokens,
+        state.feature_mse[f"{block} after fine-tuning"] = feature_mse(student, eval_pixels, eval_teacher,
                                                                      accelerator=accelerator)
         save_state(student, state, accelerator, state_dir)
     return student
 
 
-def final_finetune(student: nn.Module, state: CompressionState, pixel_values: torch.Tensor,
-                   teacher_tokens: torch.Tensor, accelerator: Accelerator, state_dir: Path, epochs: float,
-                   batch_size: int = 16, lr: float = 3e-5) -> nn.Module:
-    """Once every block is compressed, ``epochs`` more of feature mimicking (once: a resumed run skips it)."""
-    if epochs <= 0 or "final" in state.losses:
+def final_finetune(student: nn.Module, state: CompressionState, pixel_values: AugmentedPool | torch.Tensor,
+                   teacher_tokens: torch.Tensor | None, accelerator: Accelerator, state_dir: Path,
+                   epochs: float | None = None, batch_size: int = 16, lr: float = 3e-5, **finetune: Any) -> nn.Module:
+    """Once every block is compressed, more feature mimicking (``iterations`` in ``finetune``, or ``epochs``) with
+    every compressed block trainable; once: a resumed run skips it."""
+    planned = finetune.get("iterations") if finetune.get("iterations") is not None else epochs
+    if not planned or planned <= 0 or "final" in state.losses:
         return student
+    eval_pixels, eval_teacher = _evaluation_pair(pixel_values, teacher_tokens)
     state.losses["final"] = finetune_mimic(student, pixel_values, teacher_tokens, state.done, accelerator,
-                                           epochs=epochs, batch_size=batch_size, lr=lr, description="final")
-    state.feature_mse["final"] = feature_mse(student, pixel_values, teacher_tokens, accelerator=accelerator)
+                                           epochs=epochs, batch_size=batch_size, lr=lr, description="final",
+                                           **finetune)
+    state.feature_mse["final"] = feature_mse(student, eval_pixels, eval_teacher, accelerator=accelerator)
     save_state(student, state, accelerator, state_dir)
     return student
 
