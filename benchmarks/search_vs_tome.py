@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--search-out", type=Path, default=None,
+                        help="folder of the search's own outputs, its model included (default: "
+                             "$HF_TOME_CACHE/search_vs_tome, outside git: weights are never committed)")
     parser.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
                         help="only plot these runs' search_vs_tome.json together (into --out) and exit")
     parser.add_argument("--neighbours", action="store_true", help="also run the next r (fewer MACs) for the plot")
@@ -75,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
+
+
+def _cache_folder() -> Path:
+    """Where the search's model goes by default: hf_tome's cache, beside the converted weights."""
+    from hf_tome.evaluation.assets.cache import cache_dir
+
+    return cache_dir() / "search_vs_tome"
 
 
 def main() -> None:
@@ -117,7 +127,7 @@ def main() -> None:
                                 strategy=args.strategy, search_images=args.search_images, val_images=args.val_images,
                                 shaped=args.shaped, merge_matches=args.merge_matches,
                                 protect_block_0=args.protect_block_0, tome_seeds=args.tome_seeds,
-                                batch_size=args.batch_size, dtype=args.dtype, out=args.out / "search",
+                                batch_size=args.batch_size, dtype=args.dtype, out=args.search_out or _cache_folder(),
                                 baseline=False, **given)
         search_payload = run_search(options)
         model_dir = search_payload["saved_model"]

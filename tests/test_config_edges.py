@@ -162,7 +162,7 @@ def test_blocks_compressed_by_dcvit_carry_the_count_before_the_check():
 def test_prune_kept0_above_the_input_tokens_raises_at_run_time(name):
     model = hf_tome.apply(make_model(name), prune_kept=[65, 60, 50, 40], merge_kept=[65, 50, 45, 30])
     message = ("ToMeConfig.prune_kept[0]=65 is invalid for this input: it has 17 tokens entering the model (e.g. an "
-               "image of another size than the kept counts were made for); expected prune_kept[0] == 17")
+               "image of another size than the kept counts were made for); expected prune_kept[0] <= 17")
     kwargs = {"interpolate_pos_encoding": True} if name == "vit-cls" else {}
     with torch.no_grad(), pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         model(torch.randn(1, 3, 16, 16), **kwargs)

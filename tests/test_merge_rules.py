@@ -324,12 +324,56 @@ def test_merging_with_the_options_trains():
 
 
 def test_families_whose_layers_take_no_merge_options_refuse_them():
-    config = T.WhisperConfig(**WHISPER)
-    model = T.WhisperForConditionalGeneration(config).eval()
+    config = T.SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=4,
+                          num_labels=3)
+    torch.manual_seed(0)
+    model = T.SwinForImageClassification(config).eval()
     with pytest.raises(ValueError) as raised:
-        hf_tome.apply(model, r=4, merge_mode="mlerp")
+        hf_tome.apply(model, r=2, merge_mode="mlerp")
     assert str(raised.value) == (
-        "ToMeConfig.merge_mode='mlerp' is invalid for WhisperForConditionalGeneration: the whisper adapter's layers "
+        "ToMeConfig.merge_mode='mlerp' is invalid for SwinForImageClassification: the swin adapter's layers "
         "do not take merge rules or modes (no tome_merge keyword); expected merge_mode='mean'")
     assert not hf_tome.is_patched(model)  # refused before anything changed
-    hf_tome.apply(model, r=4)  # ToMe's defaults still work
+    hf_tome.apply(model, r=2)  # ToMe's defaults still work
+
+
+def _whisper_encoder_output(model, features: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.model.encoder(input_features=features).last_hidden_state
+
+
+def _videomae() -> torch.nn.Module:
+    config = T.VideoMAEConfig(image_size=16, patch_size=4, num_channels=3, num_frames=4, tubelet_size=2,
+                              hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              num_labels=3, use_mean_pooling=True)
+    torch.manual_seed(0)
+    return T.VideoMAEForVideoClassification(config).eval()
+
+
+@pytest.mark.parametrize("family", ["whisper", "videomae"])
+@pytest.mark.parametrize("rule,mode", [("pitome", "mean"), ("bipartite", "mlerp"), ("pitome", "mlerp")])
+def test_whisper_encoder_and_videomae_take_the_options_with_tomes_token_counts(family: str, rule: str,
+                                                                               mode: str) -> None:
+    torch.manual_seed(3)
+    if family == "whisper":
+        model = T.WhisperForConditionalGeneration(T.WhisperConfig(**WHISPER)).eval()
+        inputs = torch.randn(2, WHISPER["num_mel_bins"], 2 * WHISPER["max_source_positions"])
+
+        def output(m):
+            return _whisper_encoder_output(m, inputs)
+    else:
+        model = _videomae()
+        inputs = torch.randn(2, 4, 3, 16, 16)
+
+        def output(m):
+            with torch.no_grad():
+                return m(pixel_values=inputs).logits
+    stock = output(model)
+    assert torch.equal(output(hf_tome.apply(model, r=0, merge_rule=rule, merge_mode=mode)), stock)
+    tome_tokens = hf_tome.compute_report(hf_tome.apply(model, r=3)).tokens_in
+    tome = output(model)
+    hf_tome.apply(model, r=3, merge_rule=rule, merge_mode=mode)
+    assert hf_tome.compute_report(model).tokens_in == tome_tokens
+    merged = output(model)
+    assert merged.shape == tome.shape and torch.isfinite(merged).all()
+    assert not torch.allclose(merged, tome, atol=1e-6)  # the options reached the layers

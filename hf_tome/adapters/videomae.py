@@ -21,7 +21,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from hf_tome.core.macs import EncoderShape
-from hf_tome.core.plan import ReductionPlan
+from hf_tome.core.plan import LayerMerge, ReductionPlan
 from hf_tome.core.reduce import proportional_attention_mask, reduce_tokens, weighted_token_mean
 from hf_tome.integration.encoder import TokenMergeOutput, plan_for_call, run_layers
 from hf_tome.integration.mixin import ToMeModelMixin
@@ -65,13 +65,13 @@ class ToMeVideoMAELayer(videomae.VideoMAELayer):
 
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
                 tome_r: int = 0, protected: int = 0, prop_attn: bool = True, trace_source: bool = False,
-                **kwargs: Unpack[TransformersKwargs]):
+                tome_merge: LayerMerge | None = None, **kwargs: Unpack[TransformersKwargs]):
         mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
         attn_output, _, metric = self.attention(self.layernorm_before(hidden_states), mask, need_keys=tome_r > 0,
                                                 **kwargs)
         hidden_states = attn_output + hidden_states
         hidden_states, size, positions, source = reduce_tokens(
-            hidden_states, metric, size, positions, source, tome_r, protected, trace_source
+            hidden_states, metric, size, positions, source, tome_r, protected, trace_source, tome_merge
         )
         # ``self.output`` adds the residual itself.
         layer_output = self.output(hidden_states=self.intermediate(self.layernorm_after(hidden_states)),

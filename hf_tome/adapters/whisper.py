@@ -32,7 +32,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from hf_tome.core.macs import EncoderShape
-from hf_tome.core.plan import ReductionPlan
+from hf_tome.core.plan import LayerMerge, ReductionPlan
 from hf_tome.core.reduce import proportional_attention_mask, reduce_tokens
 from hf_tome.integration.encoder import plan_for_call, run_layers
 from hf_tome.integration.mixin import ToMeModelMixin
@@ -103,7 +103,7 @@ class ToMeWhisperEncoderLayer(whisper.WhisperEncoderLayer):
 
     def forward(self, hidden_states, attention_mask=None, size=None, positions=None, source=None, *,
                 tome_r: int = 0, protected: int = 0, prop_attn: bool = True, trace_source: bool = False,
-                **kwargs: Unpack[TransformersKwargs]):
+                tome_merge: LayerMerge | None = None, **kwargs: Unpack[TransformersKwargs]):
         residual = hidden_states
         mask = proportional_attention_mask(attention_mask, size, prop_attn, hidden_states.dtype)
         outputs = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=mask,
@@ -111,7 +111,7 @@ class ToMeWhisperEncoderLayer(whisper.WhisperEncoderLayer):
         metric = outputs[2] if tome_r > 0 else None
         hidden_states = residual + nn.functional.dropout(outputs[0], p=self.dropout, training=self.training)
         hidden_states, size, positions, source = reduce_tokens(
-            hidden_states, metric, size, positions, source, tome_r, protected, trace_source
+            hidden_states, metric, size, positions, source, tome_r, protected, trace_source, tome_merge
         )
         residual = hidden_states
         hidden_states = self.activation_fn(self.fc1(self.final_layer_norm(hidden_states)))

@@ -130,7 +130,7 @@ def run_layers(
     if plan.prune_kept is not None and plan.prune_kept[0] > hidden.shape[1]:
         raise ValueError(f"ToMeConfig.prune_kept[0]={plan.prune_kept[0]} is invalid for this input: it has "
                          f"{hidden.shape[1]} tokens entering the model (e.g. an image of another size than the kept "
-                         f"counts were made for); expected prune_kept[0] == {hidden.shape[1]}")
+                         f"counts were made for); expected prune_kept[0] <= {hidden.shape[1]}")
     size = positions = source = None
     for index, (layer, r) in enumerate(zip(layers, plan.layer_r, strict=True)):
         # Only layers of a plan with kept counts get ``tome_kept``, so adapters without pruning never see it.
