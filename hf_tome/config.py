@@ -68,7 +68,7 @@ class ToMeConfig:
         trace_source: track which original patches every token holds (needed for visualisation).
         prune_kept: per-layer number of tokens kept after pruning by class attention (unified compression).
         merge_kept: per-layer number of tokens kept after merging (unified compression). Block 0 is left alone
-            when ``prune_kept[0] == merge_kept[0]`` is the number of tokens entering the model (the patent's rule);
+            when ``prune_kept[0] == merge_kept[0]`` is the number of tokens entering the model (the spec's rule);
             smaller counts compress it too.
         merge_match: how unified compression picks what to merge: ``"class_attention"`` (the tokens ranked
             between ``merge_kept`` and ``prune_kept`` by class attention go into their most similar kept token)

@@ -56,7 +56,7 @@ def test_candidates_land_in_a_narrow_band_under_each_target(protect_block_0):
         target = targets[candidate.target]
         assert 0.995 * target <= candidate.gmacs <= target
         assert candidate.gmacs == pytest.approx(space.gmacs(candidate.prune_kept, candidate.merge_kept))
-        if protect_block_0:  # the patent's rule: block 0 keeps every token
+        if protect_block_0:  # the spec's rule: block 0 keeps every token
             assert candidate.prune_kept[0] == candidate.merge_kept[0] == 257
         else:
             assert candidate.prune_kept[0] <= 257

@@ -88,7 +88,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="successive halving: the fewest images of the first stage")
     parser.add_argument("--finalists", type=int, default=defaults.finalists, help="successive halving: random "
                         "candidates per target left for the last stage (with the ToMe seeds)")
-    parser.add_argument("--protect-block-0", action="store_true", help="never compress block 0 (the patent's rule; "
+    parser.add_argument("--protect-block-0", action="store_true", help="never compress block 0 (the spec's rule; "
                         "it costs accuracy on DINOv2-S): candidates, and ToMe seeds, leave it alone")
     parser.add_argument("--tome-seeds", type=float, nargs="*", default=defaults.tome_seeds, metavar="INFLECT",
                         help="add ToMe's own schedule (bipartite merging, block 0 included) at every target for "

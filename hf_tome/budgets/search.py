@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -34,8 +34,7 @@ from hf_tome.budgets.search_outputs import write_outputs
 from hf_tome.budgets.search_space import Candidate, SearchSpace, sample_candidates
 from hf_tome.config import ToMeConfig
 from hf_tome.core.cli_help import DefaultsHelpFormatter
-from hf_tome.core.macs import encoder_report, nearest_r
-from hf_tome.core.schedule import tokens_per_layer
+from hf_tome.core.macs import nearest_r
 from hf_tome.integration.budget_table import FULL_GFLOPS_KEY, IMAGE_SIZE_KEY, budget_in_gflops
 
 
@@ -90,9 +89,8 @@ def staged_random_search(evaluator, candidates: list[Candidate], stage_images: l
 
 
 def constant_r_gmacs(space: SearchSpace, r: int) -> float:
-    """GMACs per image of constant-r ToMe (``r`` merged in every layer) in ``space``."""
-    counts = tokens_per_layer(space.num_tokens, [r] * space.num_layers, space.shape.protected)
-    return encoder_report(space.shape, counts[1:]).gmacs
+    """GMACs per image of constant-r ToMe (``r`` merged in every layer, block 0 included) in ``space``."""
+    return replace(space, protect_block_0=False).tome_gmacs(r)
 
 
 def constant_r_bracket(space: SearchSpace, target_gmacs: float) -> list[int]:

@@ -13,7 +13,7 @@ ToMe-like power-law profiles with random curvature, start and noise, and small p
 Every candidate also carries a merge rule (``merge_match``): the candidates take the requested rules in turn,
 so the search can find that a model is better served by class-attention merging or by bipartite matching.
 
-Block 0 is compressed like any other layer unless the space protects it (``protect_block_0``, the patent's rule,
+Block 0 is compressed like any other layer unless the space protects it (``protect_block_0``, the spec's rule,
 which measurably costs accuracy on DINOv2-S). :func:`tome_seeds` writes ToMe's own schedules (constant r and
 ``(r, inflect)``, bipartite merging in every block, block 0 included) as kept counts at each target, so a search
 can always compare against them on the same images.
@@ -64,7 +64,7 @@ class SearchSpace:
     """Kept-count vectors for an encoder with ``shape`` (``num_patches`` set to the searched input size).
 
     Every layer keeps at least ``min_kept`` tokens (the protected ones plus at least one patch token). With
-    ``protect_block_0`` block 0 keeps every token (the patent's rule) and profiles cover layers 1..L-1; without
+    ``protect_block_0`` block 0 keeps every token (the spec's rule) and profiles cover layers 1..L-1; without
     it they cover all L layers.
     """
 

@@ -99,7 +99,7 @@ class ReductionPlan:
 
     def kept_for_layer(self, index: int) -> LayerKept | None:
         """The ``tome_kept`` argument of layer ``index`` (None: plain ToMe with ``layer_r[index]``)."""
-        # Block 0 is compressed only when its counts are below the tokens entering the model (the patent's rule
+        # Block 0 is compressed only when its counts are below the tokens entering the model (the spec's rule
         # leaves it alone: counts equal to the input's, which reduce nothing).
         if self.soft_kept is not None:
             return self.soft_kept[index]

@@ -56,7 +56,7 @@ def kept_tokens_per_layer(num_tokens: int, prune_kept: Sequence[int], merge_kept
     """Token count entering each layer under unified compression, plus the count leaving the last one.
 
     Layer ``i`` leaves ``min(merge_kept[i], prune_kept[i], tokens in)``; layer 0 too, so counts equal to
-    ``num_tokens`` there leave block 0 alone (the patent's rule) and smaller ones compress it.
+    ``num_tokens`` there leave block 0 alone (the spec's rule) and smaller ones compress it.
     """
     counts = [num_tokens]
     for prune, merge in zip(prune_kept, merge_kept, strict=True):
