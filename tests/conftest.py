@@ -64,3 +64,28 @@ def mlp_norms(model) -> list[torch.nn.Module]:
     from hf_tome.integration.encoder import encoder_layers
 
     return [getattr(layer, "layernorm_after", None) or layer.norm2 for layer in encoder_layers(model)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A saved 6-layer tiny DINOv2 classifier with its image processor (the DC-ViT tests' model)."""
+    from transformers import BitImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    model = make_model("dinov2-cls", num_hidden_layers=6)
+    model.save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A folder of 12 random 40x40 PNG images (the DC-ViT tests' unlabeled images)."""
+    import numpy as np
+    from PIL import Image  # here, not at the top: the compat environment has no pillow
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{index}.png")
+    return folder

@@ -5,38 +5,16 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from conftest import make_model
-from PIL import Image
 
 import hf_tome
 from hf_tome.dcvit import blocks
 from hf_tome.dcvit.compress import CompressOptions, main, run_compress
 from hf_tome.dcvit.metric_set import generate_metric_set, total_variation
 from hf_tome.dcvit.mimic import feature_mse, finetune_mimic, output_tokens
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import BitImageProcessor
-
-    folder = tmp_path_factory.mktemp("tiny-dinov2")
-    model = make_model("dinov2-cls", num_hidden_layers=6)
-    model.save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for index in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{index}.png")
-    return folder
 
 
 def test_metric_set_generator_lowers_its_loss():

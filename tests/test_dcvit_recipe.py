@@ -7,12 +7,10 @@ import copy
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from conftest import make_model
-from PIL import Image
 
 import hf_tome
 from hf_tome.dcvit import blocks, compress, recipe
@@ -29,25 +27,6 @@ from hf_tome.dcvit.mimic import (
 )
 from hf_tome.dcvit.pool import build_pool, cache_prefix, cache_teacher
 from hf_tome.dcvit.stages import SuffixStudent, logits_from_tokens
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import BitImageProcessor
-
-    folder = tmp_path_factory.mktemp("tiny-dinov2")
-    make_model("dinov2-cls", num_hidden_layers=6).save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for index in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{index}.png")
-    return folder
 
 
 def _compressed_pair(block: int = 2, layers: int = 6):
