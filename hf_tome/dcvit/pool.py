@@ -9,6 +9,7 @@ elementwise), so only the teacher's outputs take memory (``entries x tokens x ch
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,13 +17,12 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from hf_tome.dcvit.stages import embed, final_tokens, has_head, logits_from_tokens, run_blocks
 
 AUGMENTATIONS = ("color-jitter", "none")
 COLOR_JITTER = 0.4  # brightness, contrast and saturation factors drawn from [1 - 0.4, 1 + 0.4] (torchvision's style)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -89,8 +89,8 @@ def build_pool(pixels: torch.Tensor, copies: int = 1, augment: str = "color-jitt
     augmented = (torch.arange(size) >= count) & (augment != "none")
     factors[~augmented], flips[~augmented] = 1.0, False
     return AugmentedPool(pixels=pixels, image_index=torch.arange(size) % count, factors=factors, flips=flips,
-                         augmented=augmented, mean=torch.tensor(mean or IMAGENET_MEAN, dtype=torch.float),
-                         std=torch.tensor(std or IMAGENET_STD, dtype=torch.float))
+                         augmented=augmented, mean=torch.tensor(mean or IMAGENET_DEFAULT_MEAN, dtype=torch.float),
+                         std=torch.tensor(std or IMAGENET_DEFAULT_STD, dtype=torch.float))
 
 
 def _batched(pool: AugmentedPool, compute: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
@@ -106,8 +106,6 @@ def _batched(pool: AugmentedPool, compute: Callable[[torch.Tensor], torch.Tensor
 
 
 def _context(accelerator: Accelerator | None):
-    import contextlib
-
     return accelerator.autocast if accelerator is not None else contextlib.nullcontext
 
 
