@@ -29,17 +29,6 @@ from hf_tome.dcvit.stages import SuffixStudent
 SCOPES = ("prefix", "local")
 
 
-class OutputTokens(nn.Module):
-    """Wraps a model so its forward returns the output tokens of its base model (what DDP wraps and trains)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.base = model.base_model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.base(pixel_values=pixel_values).last_hidden_state
-
-
 @torch.inference_mode()
 def batched_outputs(model: nn.Module, read: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                     pixel_values: torch.Tensor, batch_size: int = 32, accelerator: Accelerator | None = None,
