@@ -24,7 +24,7 @@ from conftest import make_model
 import hf_tome
 from hf_tome.cli import main as cli
 from hf_tome.core.ops import bipartite_soft_matching, exportable
-from hf_tome.core.ops.exportable import descending_order, scatter_into, stable_descending_order
+from hf_tome.core.ops.exportable import descending_order, gather_rows, scatter_into, stable_descending_order
 from hf_tome.dcvit import blocks
 from hf_tome.export.onnx import export_onnx
 from hf_tome.export.program import export_program
@@ -137,6 +137,42 @@ def test_descending_order_is_a_stable_argsort(monkeypatch):
     for reduce in ("sum", "amax"):
         expected = target.scatter_reduce(1, index, sources, reduce)
         assert torch.equal(scatter_into(target, index, sources, reduce), expected)
+
+
+class _OrderAndRows(torch.nn.Module):
+    """The exported forms of the stable order and the row gather, on their own."""
+
+    def forward(self, scores: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = stable_descending_order(scores)
+        return order, gather_rows(rows, order[:, :5])
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_order_is_stable_on_ties_and_row_gather_keeps_the_batch_dynamic(exporter, tmp_path):
+    def sample(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.randint(-2, 3, (batch, 40)).float()  # many ties
+        scores[scores == -2] = -torch.inf
+        return scores, torch.randn(batch, 40, 6)
+
+    path = tmp_path / "order.onnx"
+    example = sample(2)
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1)
+        torch.onnx.export(_OrderAndRows(), example, str(path), dynamo=True, input_names=["scores", "rows"],
+                          dynamic_shapes=({0: batch}, {0: batch}))
+    else:
+        torch.onnx.export(_OrderAndRows(), example, str(path), dynamo=False, input_names=["scores", "rows"],
+                          dynamic_axes={"scores": {0: "batch"}, "rows": {0: "batch"}})
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "TopK" in ops and "GatherElements" not in ops, ops  # one Gather of whole rows
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    torch.manual_seed(0)
+    for size in (1, 5, 9):
+        scores, rows = sample(size)
+        order, gathered = session.run(None, {"scores": scores.numpy(), "rows": rows.numpy()})
+        expected = scores.argsort(dim=-1, descending=True, stable=True)
+        assert torch.equal(torch.from_numpy(order), expected)
+        assert torch.equal(torch.from_numpy(gathered), rows.gather(1, expected[:, :5, None].expand(-1, -1, 6)))
 
 
 def test_torch_export_of_a_merged_vit():

@@ -1,10 +1,11 @@
-"""Exportable forms of two ops: a stable descending order (``argsort(stable=True)`` has no ONNX form) and the
-scatter that merges tokens.
+"""Exportable forms of three ops: a stable descending order (``argsort(stable=True)`` has no ONNX form), the row
+gather and the scatter that merge tokens.
 
-Pure tensor code. :func:`stable_descending_order` is ``argsort(descending=True, stable=True)`` when running, and
-:func:`descending_order` while a graph is being captured (``torch.export``, ``torch.onnx.export`` of either kind,
-``torch.jit.trace``): there the rank of each score is counted by comparisons, ties broken by position, so ranks are
-distinct integers and the order follows from one scatter. Both give the same indices for any input without NaN
+Pure tensor code. :func:`stable_descending_order` is ``argsort(descending=True, stable=True)`` when running, a full
+``topk`` under ``torch.onnx.export`` of either kind (ONNX's TopK is stable by its spec), and :func:`descending_order`
+while another graph is being captured (``torch.export``, ``torch.jit.trace``, run by PyTorch, whose topk promises no
+order among ties): there the rank of each score is counted by comparisons, ties broken by position, so ranks are
+distinct integers and the order follows from one scatter. All three give the same indices for any input without NaN
 (-inf included), so an exported graph merges exactly the tokens the eager model merges. The comparisons cost
 ``O(N^2)`` per row, small next to a layer's attention over the same N tokens, but more than a sort, hence eager
 mode keeps the sort.
@@ -40,9 +41,29 @@ def capturing_graph() -> bool:
 
 def stable_descending_order(scores: torch.Tensor) -> torch.Tensor:
     """``scores.argsort(dim=-1, descending=True, stable=True)`` [B, N], in a form every exporter can write."""
+    if torch.onnx.is_in_onnx_export():
+        # ONNX's TopK breaks ties by the lower index (its spec's rule), so a full TopK is a stable descending sort:
+        # one node where the comparison count below takes eight, each waking the runtime's threads.
+        return scores.topk(scores.shape[-1], dim=-1).indices
     if capturing_graph():
         return descending_order(scores)
     return scores.argsort(dim=-1, descending=True, stable=True)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.gather(1, index[..., None].expand(-1, -1, C))`` [B, K, C] for ``x`` [B, N, C] and ``index`` [B, K].
+
+    Written as one row gather on the flattened batch: exported, the expanded form materialises a [B, K, C] int64
+    index (an ``Expand``) for a ``GatherElements`` that reads it element by element; the flat form is a single
+    ``Gather`` that copies whole rows. The batch offsets come from a cumulative sum over the batch axis rather
+    than from ``x.shape[0]``, which a trace would freeze into a constant (the dynamic batch axis would break).
+    """
+    num_tokens, channels = x.shape[1], x.shape[-1]
+    if index.shape[1] == 0:
+        return x[:, :0]
+    batch_start = (torch.ones_like(index[:, :1]).cumsum(dim=0) - 1) * num_tokens
+    rows = (index + batch_start).reshape(-1)
+    return x.reshape(-1, channels).index_select(0, rows).reshape(-1, index.shape[1], channels)
 
 
 def scatter_into(target: torch.Tensor, index: torch.Tensor, sources: torch.Tensor, reduce: str) -> torch.Tensor:

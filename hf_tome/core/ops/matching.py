@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_tome.core.ops.exportable import scatter_into, stable_descending_order
+from hf_tome.core.ops.exportable import gather_rows, scatter_into, stable_descending_order
 
 
 @dataclass
@@ -36,13 +36,23 @@ class Matching:
 
         A mean is ``merge(x * size) / merge(size)``: ``scatter_reduce(mean)`` does not export to ONNX.
         """
-        set_a, set_b = x[:, ::2], x[:, 1::2]
-        channels = x.shape[-1]
-        protected_b = self.protected // 2
-        unmerged = set_a.gather(1, self.unmerged_a.expand(-1, -1, channels))
-        sources = set_a.gather(1, self.merged_a.expand(-1, -1, channels))
-        set_b = scatter_into(set_b, self.destination_b.expand(-1, -1, channels), sources, reduce)
-        return torch.cat([x[:, : self.protected], unmerged, set_b[:, protected_b:]], dim=1)
+        # One row gather lays out the whole output (prefix, unmerged A, B), then the merged A rows are added into
+        # their B slots: exported, that is a Gather and a scatter instead of slicing set B, scattering into the
+        # slice and concatenating (each a copy of about half the sequence).
+        out = gather_rows(x, self.output_rows(x.shape[1]))
+        sources = gather_rows(x, 2 * self.merged_a[..., 0])  # set A's token i sits at position 2i
+        slots = self.protected + self.unmerged_a.shape[1] + self.destination_b - self.protected // 2
+        return scatter_into(out, slots.expand(-1, -1, x.shape[-1]), sources, reduce)
+
+    def output_rows(self, num_tokens: int) -> torch.Tensor:
+        """Input position [B, N - r] of every output token: the protected prefix, unmerged A, then unprotected B."""
+        device = self.unmerged_a.device
+        unmerged = 2 * self.unmerged_a[..., 0]
+        # Broadcast against a column of the batch rather than expand(batch): a trace keeps the batch axis dynamic.
+        zero = unmerged.sum(dim=1, keepdim=True) * 0  # [B, 1], also when no A token stays unmerged
+        prefix = zero + torch.arange(self.protected, device=device)
+        set_b = zero + 2 * torch.arange(self.protected // 2, num_tokens // 2, device=device) + 1
+        return torch.cat([prefix, unmerged, set_b], dim=1)
 
     def new_positions(self, num_tokens: int) -> torch.Tensor:
         """For every input position, the index [B, num_tokens] of the output token that now holds it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hf_tome.config import MERGE_MODES
+from hf_tome.core.ops.exportable import gather_rows
 from hf_tome.core.ops.matching import Matching
 from hf_tome.core.ops.pruning import PruneMerge
 
@@ -57,7 +58,7 @@ def unmerge(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
     ``positions`` [B, N_orig] holds, for each original position, the index of the token that now holds it.
     """
-    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+    return gather_rows(x, positions)
 
 
 def initial_positions(batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_tome.core.ops.exportable import stable_descending_order
+from hf_tome.core.ops.exportable import gather_rows, stable_descending_order
 from hf_tome.core.ops.pruning import PruneMerge
 
 PITOME_ALPHA = 1.0
@@ -78,9 +78,7 @@ def pitome_matching(metric: torch.Tensor, r: int, protected: int = 1, margin: fl
         order = stable_descending_order(energy)
         candidates, rest = order[:, : 2 * r], order[:, 2 * r:]
         set_a, set_b = candidates[:, 0::2], candidates[:, 1::2]
-        dim = unit.shape[-1]
-        scores = unit.gather(1, set_a[..., None].expand(-1, -1, dim)) @ unit.gather(
-            1, set_b[..., None].expand(-1, -1, dim)).transpose(1, 2)
+        scores = gather_rows(unit, set_a) @ gather_rows(unit, set_b).transpose(1, 2)
         destination = set_b.gather(1, scores.argmax(dim=-1))  # input index of each A token's partner
         # Survivors in ascending original order; the protected prefix (indices 0..protected-1) comes first.
         kept = torch.cat([set_b, rest], dim=1).sort(dim=1).values

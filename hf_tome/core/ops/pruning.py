@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_tome.core.ops.exportable import scatter_into, stable_descending_order
+from hf_tome.core.ops.exportable import gather_rows, scatter_into, stable_descending_order
 
 
 def class_attention(query_cls: torch.Tensor, keys: torch.Tensor, scale: float,
@@ -83,10 +83,10 @@ class PruneMerge:
         ``scatter_reduce(mean)``).
         """
         channels = x.shape[-1]
-        out = x.gather(1, self.kept[..., None].expand(-1, -1, channels))
+        out = gather_rows(x, self.kept)
         if self.merged.shape[1] == 0:
             return out
-        sources = x.gather(1, self.merged[..., None].expand(-1, -1, channels))
+        sources = gather_rows(x, self.merged)
         return scatter_into(out, self.merged_into[..., None].expand(-1, -1, channels), sources, reduce)
 
     def new_positions(self, num_tokens: int) -> torch.Tensor:
@@ -105,9 +105,7 @@ def _most_similar_kept(metric: torch.Tensor, others: torch.Tensor, kept: torch.T
     if others.shape[1] == 0:
         return others
     unit = torch.nn.functional.normalize(metric.float(), dim=-1)
-    dim = unit.shape[-1]
-    scores = unit.gather(1, others[..., None].expand(-1, -1, dim)) @ unit.gather(
-        1, kept[..., None].expand(-1, -1, dim)).transpose(1, 2)
+    scores = gather_rows(unit, others) @ gather_rows(unit, kept).transpose(1, 2)
     # Kept indices are sorted ascending, so the protected tokens occupy the first slots: they absorb nothing.
     scores[..., :protected] = -torch.inf
     return scores.argmax(dim=-1)
@@ -154,7 +152,7 @@ def soft_prune_merge(x: torch.Tensor, size: torch.Tensor, class_scores: torch.Te
         order = rank_by_score(class_scores, protected)
         candidates = order[:, protected:slots]
         unit = torch.nn.functional.normalize(metric.float(), dim=-1)
-        scores = unit @ unit.gather(1, candidates[..., None].expand(-1, -1, unit.shape[-1])).transpose(1, 2)
+        scores = unit @ gather_rows(unit, candidates).transpose(1, 2)
         # A token cannot be its own destination.
         scores.masked_fill_(candidates[:, None, :] == torch.arange(num_tokens, device=x.device)[None, :, None],
                             -torch.inf)
