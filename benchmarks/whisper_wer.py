@@ -4,13 +4,17 @@ Speech: every sentence of ``hf_tome.evaluation.assets.speech.SENTENCES`` spoken 
 (synthetic, clean speech; each
 clip is padded to Whisper's 30 s window, so most encoder frames are silence). Settings: the unpatched model and, for
 each ``--targets`` value and each ``--inflect`` schedule shape (constant and decreasing by default), the smallest
-r whose encoder MACs reduction reaches it.
+r whose encoder MACs reduction reaches it, run with every ``--rules`` entry at that same r (so at equal MACs):
+``tome`` (bipartite matching, mean merge; the default and only rule unless asked), ``pitome`` (PiToMe's energy
+rule), ``mlerp`` (ToMe's matching, MLERP merge) and ``pitome+mlerp``; the rows of rules other than tome are named
+with the rule as a suffix (``r=8, mlerp``).
 WER comes from greedy ``generate()`` over all sentences; encoder time is the encoder alone on one batch of features,
 timed in round-robin rounds (all settings on the same model instance; median and fastest round) in the same run, so
 the speedup is a ratio measured under the same machine load.
 
     python benchmarks/whisper_wer.py                     # targets 1.5x and 2x encoder MACs reduction
     python benchmarks/whisper_wer.py --rounds 5 --targets 1.3 1.5 2.0
+    python benchmarks/whisper_wer.py --rules tome pitome mlerp pitome+mlerp
 """
 
 from __future__ import annotations
@@ -32,12 +36,42 @@ from hf_tome.evaluation.assets.speech import SENTENCES, speech_dataset, word_err
 from hf_tome.evaluation.assets.whisper import whisper_tiny_en_path
 from hf_tome.integration.flops import constant_r_for_macs
 
+RULES = {"tome": ("bipartite", "mean"), "pitome": ("pitome", "mean"), "mlerp": ("bipartite", "mlerp"),
+         "pitome+mlerp": ("pitome", "mlerp")}
+"""Rule name -> (``ToMeConfig.merge_rule``, ``ToMeConfig.merge_mode``)."""
+DEFAULT_RULE = "tome"
+
 
 def configure(model: torch.nn.Module, config: hf_tome.ToMeConfig | None) -> None:
     if config is None:
         hf_tome.remove(model)
     else:
         hf_tome.apply(model, config)
+
+
+def build_settings(model: torch.nn.Module, targets: list[float], inflects: list[float],
+                   rules: list[str]) -> dict[str, hf_tome.ToMeConfig | None]:
+    """``"no merging"``, then for every inflect shape and target the smallest r reaching the MACs reduction, once
+    per rule (same r, so the same MACs). tome's rows are named ``r=<r>`` / ``r=(<r>,<inflect>)``, other rules'
+    rows get ``, <rule>`` appended."""
+    settings: dict[str, hf_tome.ToMeConfig | None] = {"no merging": None}
+    for inflect in inflects:
+        for target in targets:
+            r = constant_r_for_macs(model, 1 / target, inflect=inflect)  # smallest r reaching the reduction
+            base = f"r={r}" if inflect == 0 else f"r=({r},{inflect:g})"
+            for rule in rules:
+                merge_rule, merge_mode = RULES[rule]
+                name = base if rule == DEFAULT_RULE else f"{base}, {rule}"
+                settings[name] = hf_tome.ToMeConfig(r=r, inflect=inflect, merge_rule=merge_rule,
+                                                    merge_mode=merge_mode)
+    return settings
+
+
+def rule_name(config: hf_tome.ToMeConfig | None) -> str:
+    """The ``RULES`` name of a setting's merge rule and mode (``-`` for no merging)."""
+    if config is None:
+        return "-"
+    return next(name for name, pair in RULES.items() if pair == (config.merge_rule, config.merge_mode))
 
 
 def transcribe(model, processor, features: torch.Tensor, batch: int) -> list[str]:
@@ -62,6 +96,8 @@ def main() -> None:
                         help="encoder MACs reductions to pick r for")
     parser.add_argument("--inflect", type=float, nargs="+", default=[0.0, -1.0],
                         help="schedule shapes to try for every target (0 = constant r, -1 = decreasing 2r..0)")
+    parser.add_argument("--rules", nargs="+", default=[DEFAULT_RULE], choices=list(RULES),
+                        help="merge rules to run at every r (tome = bipartite + mean; pitome, mlerp, pitome+mlerp)")
     parser.add_argument("--batch", type=int, default=8, help="clips per generate() call and per timed encoder batch")
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds (median and best reported)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -76,19 +112,16 @@ def main() -> None:
     references = list(dataset["text"])
     features = processor(list(dataset["audio"]), sampling_rate=16000, return_tensors="pt").input_features
 
-    settings: dict[str, hf_tome.ToMeConfig | None] = {"no merging": None}
-    for inflect in args.inflect:
-        for target in args.targets:
-            r = constant_r_for_macs(model, 1 / target, inflect=inflect)  # smallest r reaching the reduction
-            name = f"r={r}" if inflect == 0 else f"r=({r},{inflect:g})"
-            settings[name] = hf_tome.ToMeConfig(r=r, inflect=inflect)
+    settings = build_settings(model, args.targets, args.inflect, list(dict.fromkeys(args.rules)))
 
     rows: dict[str, dict] = {}
     for name, config in tqdm(settings.items(), desc="transcribe"):
         configure(model, config)
         report = hf_tome.compute_report(model)
         hypotheses = transcribe(model, processor, features, args.batch)
+        rule = config or hf_tome.ToMeConfig()  # no merging records the default rule and mode
         rows[name] = {"r": config.r if config else 0, "inflect": config.inflect if config else 0.0,
+                      "merge_rule": rule.merge_rule, "merge_mode": rule.merge_mode,
                       "encoder_tokens_in": report.tokens_in, "encoder_gmacs": report.gmacs,
                       "wer": word_error_rate(references, hypotheses), "hypotheses": hypotheses}
 
@@ -115,11 +148,11 @@ def main() -> None:
     title = (f"Whisper tiny.en, {len(references)} espeak-ng sentences, encoder timed on batch {timed.shape[0]}, "
              f"fp32, {args.threads} CPU threads, {args.rounds} timing rounds")
     print(f"\n{title}")
-    print("| setting | encoder GMACs | MACs reduction | encoder s/batch (median) | encoder speedup (median) | "
+    print("| setting | rule | encoder GMACs | MACs reduction | encoder s/batch (median) | encoder speedup (median) | "
           "encoder speedup (best round) | WER |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['encoder_gmacs']:.2f} | {row['macs_reduction']:.2f}x | "
+        print(f"| {name} | {rule_name(settings[name])} | {row['encoder_gmacs']:.2f} | {row['macs_reduction']:.2f}x | "
               f"{row['encoder_seconds_median']:.3f} | {row['encoder_speedup']:.2f}x | "
               f"{row['encoder_speedup_best']:.2f}x | {row['wer']:.3f} |")
     report = {

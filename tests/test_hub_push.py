@@ -154,6 +154,15 @@ def test_card_of_a_budget_table_model_lists_the_measured_rows(tmp_path):
     assert "GMACs per\n32x32 image" in card
 
 
+def test_card_lists_the_merge_rule_and_mode_default_or_not(tmp_path):
+    config = hf_tome.ToMeConfig(r=2, merge_rule="pitome", merge_mode="mlerp")
+    hf_tome.apply(make_model("vit-cls"), config).save_pretrained(tmp_path / "pitome")
+    card = (tmp_path / "pitome" / "README.md").read_text()
+    assert "| merge_rule | pitome |" in card and "| merge_mode | mlerp |" in card and "| r | 2 |" in card
+    default = str(render_card(hf_tome.apply(make_model("vit-cls"), r=2)))
+    assert "| merge_rule | bipartite |" in default and "| merge_mode | mean |" in default
+
+
 def test_pipeline_given_an_hf_tome_model_logs_no_not_supported_error(transformers_log):
     merged = hf_tome.apply(make_model("vit-cls"), r=8)
     classifier = transformers.pipeline("image-classification", model=merged, image_processor=_processor())

@@ -45,8 +45,13 @@ def saliency_maps(backbone: nn.Module, decoder: nn.Module, pixel_values: torch.T
 
 
 def saliency_fidelity(backbone: nn.Module, decoder: nn.Module, image_processor, photos: dict[str, Image.Image],
-                      r_values: list[int]) -> tuple[list[SaliencyFidelity], dict[str, torch.Tensor]]:
+                      r_values: list[int], *, merge_rule: str = "bipartite",
+                      merge_mode: str = "mean") -> tuple[list[SaliencyFidelity], dict[str, torch.Tensor]]:
     """Compare the saliency of every photo with merging at each r against the unmerged backbone.
+
+    ``merge_rule`` and ``merge_mode`` are ``ToMeConfig``'s fields of the same names: which tokens merge
+    (``"bipartite"``: ToMe's matching, ``"pitome"``: PiToMe's energy rule) and how a merged token is formed
+    (``"mean"`` or ``"mlerp"``); every r runs with them.
 
     Returns the fidelity per r and the maps themselves (``"unmerged"`` and ``"r=<r>"``, [P, 1, H, W]).
     """
@@ -56,7 +61,7 @@ def saliency_fidelity(backbone: nn.Module, decoder: nn.Module, image_processor, 
     maps = {"unmerged": saliency_maps(backbone, decoder, pixel_values)}
     results = []
     for r in r_values:
-        apply(backbone, ToMeConfig(r=r))
+        apply(backbone, ToMeConfig(r=r, merge_rule=merge_rule, merge_mode=merge_mode))
         merged = saliency_maps(backbone, decoder, pixel_values)
         remove(backbone)
         maps[f"r={r}"] = merged

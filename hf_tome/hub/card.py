@@ -124,7 +124,8 @@ def _settings_rows(config: ToMeConfig | None) -> str:
                  f"| merge_match | {config.merge_match} |"]
     else:
         rows += [f"| r | {config.r} |", f"| inflect | {config.inflect} |"]
-    rows.append(f"| prop_attn | {config.prop_attn} |")
+    rows += [f"| merge_rule | {config.merge_rule} |", f"| merge_mode | {config.merge_mode} |",
+             f"| prop_attn | {config.prop_attn} |"]
     if config.budget is not None:
         rows.append(f"| budget | {config.budget} |")
     return "\n".join(rows)
