@@ -8,8 +8,10 @@
    pixels: the full model, each searched row, and for each row the constant ToMe r with the fewest MACs that are
    still >= the row's (so ToMe never gets less compute), plus the next r (fewer MACs) for the plot.
 
-Prints a markdown table, the paired differences and the search time, and writes ``search_vs_tome.json`` and
-``search_vs_tome.png`` (accuracy against GMACs) into ``--out`` (default ``benchmarks/results``).
+Prints a markdown table, the paired differences and the search time, and writes ``search_vs_tome.json`` into
+``--out`` (default ``benchmarks/results``) and a plot of accuracy against GMACs to ``--plot`` (default
+``benchmarks/plots/search_vs_tome.png``). ``--merge-mode mlerp`` searches and saves the rows with ToFu's
+norm-preserving merge; constant-r ToMe then runs both as published (mean) and with MLERP.
 
     python benchmarks/search_vs_tome.py --threads 2            # the full run: ~20 min search + the test images
     python benchmarks/search_vs_tome.py --quick --threads 2    # smoke run: a few images, about a minute
@@ -60,12 +62,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="use the MACs of constant-r ToMe with these r as the targets (the same MACs exactly)")
     parser.add_argument("--merge-matches", nargs="+", default=["class_attention", "bipartite"],
                         help="merge rules the candidates take in turn (see hf-tome search --help)")
+    parser.add_argument("--merge-rule", choices=["bipartite", "pitome"], default=None,
+                        help="merge rule of the searched candidates (see hf-tome search --help; default bipartite)")
+    parser.add_argument("--merge-mode", choices=["mean", "mlerp"], default=None,
+                        help="merge mode of the searched candidates (default mean). Constant-r ToMe always runs "
+                        "with ToMe's own rule and mean; with another rule or mode it also runs with the searched "
+                        "rows' rule and mode, so both gains are visible")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "plots" / "search_vs_tome.png")
     parser.add_argument("--search-out", type=Path, default=None,
                         help="folder of the search's own outputs, its model included (default: "
                              "$HF_TOME_CACHE/search_vs_tome, outside git: weights are never committed)")
@@ -102,7 +111,7 @@ def main() -> None:
 
     args = parse_args()
     if args.replot:
-        replot(args.replot, args.out / "search_vs_tome.png")
+        replot(args.replot, args.plot)
         return
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -126,6 +135,7 @@ def main() -> None:
         options = SearchOptions(model=args.search_model, targets=args.targets, method=args.method,
                                 strategy=args.strategy, search_images=args.search_images, val_images=args.val_images,
                                 shaped=args.shaped, merge_matches=args.merge_matches,
+                                merge_rule=args.merge_rule, merge_mode=args.merge_mode,
                                 protect_block_0=args.protect_block_0, tome_seeds=args.tome_seeds,
                                 batch_size=args.batch_size, dtype=args.dtype, out=args.search_out or _cache_folder(),
                                 baseline=False, **given)
@@ -146,18 +156,24 @@ def main() -> None:
     evaluator = CachedEvaluator(hf_tome.apply(model, budget=None, budget_table=None, prune_kept=None,
                                               merge_kept=None), test, processor, accelerator, dtype,
                                 args.batch_size, keep_pixels=True)
+    merging = {"merge_rule": model.tome_config.merge_rule, "merge_mode": model.tome_config.merge_mode}
+    tome_merging = {"merge_rule": "bipartite", "merge_mode": "mean"}
+    other_merging = ", ".join(value for value in merging.values() if value not in tome_merging.values())
     settings = [{"name": "full", "gflops": full, "prune_kept": None, "merge_kept": None}]
     for row in sorted(table, key=lambda row: -row["gflops"]):
         if row["fraction"] >= 0.999:
             continue
         settings.append({"name": f"searched {row['fraction']:.2f}", "gflops": row["gflops"],
                          "prune_kept": row["prune_kept"], "merge_kept": row["merge_kept"],
-                         "merge_match": row.get("merge_match", "class_attention"), "row": row})
+                         "merge_match": row.get("merge_match", "class_attention"), "row": row, **merging})
         # the constant r with the fewest MACs still >= the row's (r=0 always qualifies: rows are <= full)
         at_least = nearest_r(partial(constant_r_gmacs, space), row["gflops"], space.num_tokens - 1, side="at_least")
         for r in (at_least, at_least + 1) if args.neighbours else (at_least,):
             settings.append({"name": f"ToMe r={r}", "gflops": constant_r_gmacs(space, r), "r": r,
-                             "paired_with": row["fraction"] if r == at_least else None})
+                             "paired_with": row["fraction"] if r == at_least else None, **tome_merging})
+        if other_merging:  # the same constant r with the searched rows' rule and mode
+            settings.append({"name": f"ToMe r={at_least}, {other_merging}", "gflops": constant_r_gmacs(space, at_least),
+                             "r": at_least, "same_merging_with": row["fraction"], **merging})
     unique = list({s["name"]: s for s in settings}.values())
     timings: list[float] = []
     start = time.perf_counter()
@@ -170,6 +186,9 @@ def main() -> None:
                         "nll": float(scores[number, 1] / scores[number, 2]), "images": int(scores[number, 2]),
                         "images_per_s": float(scores[number, 2] / timings[number]),
                         "r": setting.get("r"), "paired_with": setting.get("paired_with"),
+                        "same_merging_with": setting.get("same_merging_with"),
+                        "merge_rule": setting.get("merge_rule", "bipartite"),
+                        "merge_mode": setting.get("merge_mode", "mean"),
                         "prune_kept": setting.get("prune_kept"), "merge_kept": setting.get("merge_kept"),
                         "merge_match": setting.get("merge_match"), "origin": setting.get("row", {}).get("origin"),
                         "validation_accuracy": setting.get("row", {}).get("accuracy")})
@@ -191,6 +210,12 @@ def main() -> None:
                                "points_better": 100 * (result["accuracy"] - tome["accuracy"]),
                                "searched_origin": result["origin"],
                                "at_least_as_accurate": result["accuracy"] >= tome["accuracy"]})
+            same = next((r for r in results if r["same_merging_with"] is not None
+                         and abs(r["same_merging_with"] - result["gflops"] / full) < 1e-9), None)
+            if same is not None:
+                comparison[-1].update({
+                    "tome_same_merging": same["name"], "tome_same_merging_accuracy": same["accuracy"],
+                    "points_better_than_same_merging": 100 * (result["accuracy"] - same["accuracy"])})
     table_text = "\n".join(lines)
     if not accelerator.is_main_process:
         return
@@ -199,7 +224,9 @@ def main() -> None:
         print(f"{item['searched']} ({item['searched_gflops']:.3f} GMACs): {100 * item['searched_accuracy']:.2f}% vs "
               f"{item['tome']} ({item['tome_gflops']:.3f} GMACs): {100 * item['tome_accuracy']:.2f}% -> "
               f"{item['points_better']:+.2f} points, "
-              f"{'at least as accurate' if item['at_least_as_accurate'] else 'LESS accurate'}")
+              f"{'at least as accurate' if item['at_least_as_accurate'] else 'LESS accurate'}"
+              + (f"; {item['tome_same_merging']}: {100 * item['tome_same_merging_accuracy']:.2f}% -> "
+                 f"{item['points_better_than_same_merging']:+.2f} points" if "tome_same_merging" in item else ""))
     if search_payload is not None:
         stage_seconds = " / ".join(f"{stage['seconds']:.0f}" for stage in search_payload["log"].get("stages", []))
         estimated = search_payload["log"].get("estimate", {}).get("seconds", 0)
@@ -213,8 +240,9 @@ def main() -> None:
                    key: search_payload[key] for key in ("search_seconds", "total_seconds", "rows", "options",
                                                         "processes", "log")}}
     (args.out / "search_vs_tome.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    plot(results, full, args.out / "search_vs_tome.png", args.test_images)
-    print(f"wrote {args.out / 'search_vs_tome.json'} and {args.out / 'search_vs_tome.png'}")
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, full, args.plot, args.test_images)
+    print(f"wrote {args.out / 'search_vs_tome.json'} and {args.plot}")
 
 
 def plot(results: list[dict], full: float, path: Path, images: int,
@@ -227,13 +255,21 @@ def plot(results: list[dict], full: float, path: Path, images: int,
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    tome = sorted([r for r in results if r["r"] is not None], key=lambda r: r["gflops"])
+    tome = sorted([r for r in results if r["r"] is not None and not r.get("same_merging_with")],
+                  key=lambda r: r["gflops"])
+    tome_other = sorted([r for r in results if r.get("same_merging_with")], key=lambda r: r["gflops"])
     base = next(r for r in results if r["name"] == "full")
     series = {label: results, **(others or {})}
     for (name, rows), marker in zip(series.items(), ("o-", "^-", "v-", "D-"), strict=False):
         searched = sorted([r for r in rows if r["name"] != "full" and r["r"] is None], key=lambda r: r["gflops"])
+        modes = {r.get("merge_mode", "mean") for r in searched} - {"mean"}
+        name = f"{name}, {', '.join(sorted(modes))}" if modes else name
         axis.plot([r["gflops"] for r in searched], [100 * r["accuracy"] for r in searched], marker, label=name)
     axis.plot([r["gflops"] for r in tome], [100 * r["accuracy"] for r in tome], "s--", label="ToMe, constant r")
+    if tome_other:
+        other = tome_other[0]["name"].split(", ", 1)[1]
+        axis.plot([r["gflops"] for r in tome_other], [100 * r["accuracy"] for r in tome_other], "x:",
+                  label=f"constant r, {other}")
     axis.plot([base["gflops"]], [100 * base["accuracy"]], "k*", markersize=10, label="full model")
     for row in tome:
         axis.annotate(f"r={row['r']}", (row["gflops"], 100 * row["accuracy"]), textcoords="offset points",

@@ -279,3 +279,30 @@ def test_a_table_of_block0_and_seed_rows_round_trips_through_save_and_load(tmp_p
 def seed_r(seed: Candidate) -> int:
     """The r of a constant-r seed's origin, ``"tome r=12"``."""
     return int(seed.origin.split("=")[1])
+
+
+# --- the merge rule and mode reach the candidates and the saved table (issue 19's options in the search) --------
+
+
+def test_search_with_mlerp_scores_and_saves_mlerp(tiny_classifier_and_data, tmp_path):  # noqa: F811
+    import datasets
+    from accelerate import Accelerator
+
+    from hf_tome.budgets.search_eval import CachedEvaluator
+
+    model_dir, data_dir = tiny_classifier_and_data
+    out = tmp_path / "out"
+    search.main(["--model", str(model_dir), "--dataset", str(data_dir), "--targets", "0.6", "--merge-mode", "mlerp",
+                 "--search-images", "16", "--val-images", "8", "--min-images", "8", "--eta", "2", "--finalists", "1",
+                 "--batch-size", "8", "--dtype", "float32", "--out", str(out), "--no-baseline"])
+    loaded = hf_tome.AutoModelForImageClassification.from_pretrained(out / "model", tome_budget=0.6)
+    assert (loaded.tome_config.merge_mode, loaded.tome_config.merge_rule) == ("mlerp", "bipartite")
+    assert json.loads((out / "search.json").read_text())["options"]["merge_mode"] == "mlerp"
+    # per setting, the evaluator runs the saved mode unless the setting names another
+    evaluator = CachedEvaluator(loaded, datasets.load_from_disk(str(data_dir)), T.AutoImageProcessor.from_pretrained(
+        model_dir), Accelerator(), torch.float32, batch_size=8, keep_pixels=True)
+    settings = [{"r": 12}, {"r": 12, "merge_mode": "mlerp"}, {"r": 12, "merge_mode": "mean"}]
+    nll = evaluator.evaluate_from_pixels(settings, 16)[:, 1]
+    assert nll[0] == nll[1] and abs(nll[0] - nll[2]) > 1e-4, nll
+    evaluator.set_kept(None, None, r=12, merge_mode="mean", merge_rule="pitome")
+    assert (evaluator.plan.merge_rule, evaluator.plan.merge_mode) == ("pitome", "mean")

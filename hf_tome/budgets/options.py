@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_tome.config import MERGE_MATCHES
+from hf_tome.config import MERGE_MATCHES, MERGE_MODES, MERGE_RULES
 
 STRATEGIES = ("halving", "staged")
 """Schedules of the random search (``SearchOptions.strategy``); see :func:`resolve_schedule`."""
@@ -36,6 +36,8 @@ class SearchOptions:
     tome_seeds: list[float] = field(default_factory=lambda: [0.0, -0.5, 0.5])
     shaped: float = 0.75
     merge_matches: list[str] = field(default_factory=lambda: list(MERGE_MATCHES))
+    merge_rule: str | None = None
+    merge_mode: str | None = None
     batch_size: int = 64
     dtype: str = "auto"
     seed: int = 0
@@ -101,6 +103,12 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         "ranked below merge_kept into their most similar kept token) and/or bipartite (ToMe's "
                         "matching on the survivors of pruning); each row stores the rule it won with. Random "
                         "search only: --method diffrate relaxes the class-attention rule")
+    parser.add_argument("--merge-rule", choices=list(MERGE_RULES), default=None, help="how every candidate picks the "
+                        "tokens of its bipartite merges (ToMeConfig.merge_rule; default: the model's saved setting, "
+                        "else bipartite); saved with the table")
+    parser.add_argument("--merge-mode", choices=list(MERGE_MODES), default=None, help="how every candidate combines "
+                        "merged tokens: mean (ToMe) or mlerp (norm-preserving; ToMeConfig.merge_mode; default: the "
+                        "model's saved setting, else mean); saved with the table")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per forward pass")
     parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 where the CPU/GPU runs it natively, else float32")

@@ -178,11 +178,18 @@ class CachedEvaluator:
                 yield self.logits_from_block0(replay, hidden), labels, chunk
 
     def set_kept(self, prune_kept: Sequence[int] | None, merge_kept: Sequence[int] | None, r: int = 0,
-                 merge_match: str = "class_attention") -> None:
-        """Run the next forward passes with this configuration: its plan, built once and handed to each forward."""
+                 merge_match: str = "class_attention", merge_rule: str | None = None,
+                 merge_mode: str | None = None) -> None:
+        """Run the next forward passes with this configuration: its plan, built once and handed to each forward.
+
+        ``merge_rule``/``merge_mode`` None keep the base configuration's (the model's saved ones).
+        """
+        merging = {key: value for key, value in (("merge_rule", merge_rule), ("merge_mode", merge_mode))
+                   if value is not None}
         config = self.base_config.replace(r=r, budget=None, budget_table=None, merge_match=merge_match,
                                           prune_kept=list(prune_kept) if prune_kept is not None else None,
-                                          merge_kept=list(merge_kept) if merge_kept is not None else None)
+                                          merge_kept=list(merge_kept) if merge_kept is not None else None,
+                                          **merging)
         self.plan = build_plan(self.model, config)
 
     def evaluate(self, configs: Sequence[tuple], count: int,
@@ -249,7 +256,7 @@ class CachedEvaluator:
     def evaluate_from_pixels(self, settings: Sequence[dict], count: int, description: str = "settings",
                              timings: list[float] | None = None) -> torch.Tensor:
         """Sums like :meth:`evaluate` for settings ``{"r"}`` or ``{"prune_kept", "merge_kept"[, "merge_match"]}``,
-        run end to end.
+        each optionally with ``"merge_rule"``/``"merge_mode"`` (default: the base configuration's), run end to end.
 
         Nothing is replayed: every forward pass starts from the cached pixels. ``timings`` (if given) receives
         the forward seconds of this process per setting.
@@ -263,7 +270,8 @@ class CachedEvaluator:
         with torch.inference_mode():
             for number, setting in enumerate(progress):
                 self.set_kept(setting.get("prune_kept"), setting.get("merge_kept"), r=setting.get("r", 0),
-                              merge_match=setting.get("merge_match", "class_attention"))
+                              merge_match=setting.get("merge_match", "class_attention"),
+                              merge_rule=setting.get("merge_rule"), merge_mode=setting.get("merge_mode"))
                 seconds = 0.0
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start : start + self.batch_size]
