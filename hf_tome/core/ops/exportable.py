@@ -55,15 +55,52 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     Written as one row gather on the flattened batch: exported, the expanded form materialises a [B, K, C] int64
     index (an ``Expand``) for a ``GatherElements`` that reads it element by element; the flat form is a single
-    ``Gather`` that copies whole rows. The batch offsets come from a cumulative sum over the batch axis rather
-    than from ``x.shape[0]``, which a trace would freeze into a constant (the dynamic batch axis would break).
+    ``Gather`` that copies whole rows.
     """
-    num_tokens, channels = x.shape[1], x.shape[-1]
     if index.shape[1] == 0:
         return x[:, :0]
-    batch_start = (torch.ones_like(index[:, :1]).cumsum(dim=0) - 1) * num_tokens
-    rows = (index + batch_start).reshape(-1)
-    return x.reshape(-1, channels).index_select(0, rows).reshape(-1, index.shape[1], channels)
+    channels = x.shape[-1]
+    return x.reshape(-1, channels).index_select(0, _flat_rows(index, x.shape[1])).reshape(-1, index.shape[1], channels)
+
+
+def add_rows(target: torch.Tensor, index: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """``target`` [B, M, C] with each row of ``sources`` [B, K, C] added to row ``index`` [B, K] of its sample.
+
+    ``target.scatter_add(1, index[..., None].expand(-1, -1, C), sources)`` as one ``index_add`` of whole rows on the
+    flattened batch (see :func:`gather_rows`), which runs as a row-wise scatter instead of an element-wise one.
+    """
+    if index.shape[1] == 0:
+        return target
+    channels = target.shape[-1]
+    flat = target.reshape(-1, channels).index_add(0, _flat_rows(index, target.shape[1]), sources.reshape(-1, channels))
+    return flat.reshape(-1, target.shape[1], channels)
+
+
+def _flat_rows(index: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+    """Indices [B * K] into the flattened batch for per-sample row indices ``index`` [B, K]."""
+    # The batch offsets come from a cumulative sum over the batch axis, not from ``index.shape[0]``, which a trace
+    # would freeze into a constant (the dynamic batch axis would break).
+    batch_start = (torch.ones_like(index[:, :1]).cumsum(dim=0) - 1) * rows_per_sample
+    return (index + batch_start).reshape(-1)
+
+
+def unit_rows(metric: torch.Tensor) -> torch.Tensor:
+    """``torch.nn.functional.normalize(metric.float(), dim=-1)`` (the same values), whose exported form divides by a
+    broadcast norm instead of materialising it with an ``Expand``."""
+    wide = metric.float()
+    return wide / wide.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def merge_rows(target: torch.Tensor, index: torch.Tensor, sources: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Rows of ``sources`` [B, K, C] reduced into rows ``index`` [B, K] of ``target`` [B, M, C] (``include_self``):
+    ``"sum"`` by :func:`add_rows`, other reductions (``"amax"``) by :func:`scatter_into`.
+
+    Under ``torch.jit.trace`` (the TorchScript ONNX exporter) sums take the element-wise scatter too: that exporter
+    writes ``index_add`` as a ``ScatterND`` without reduction, where of two sources for one row only the last counts.
+    """
+    if reduce == "sum" and not torch.jit.is_tracing():
+        return add_rows(target, index, sources)
+    return scatter_into(target, index[..., None].expand(-1, -1, target.shape[-1]), sources, reduce)
 
 
 def scatter_into(target: torch.Tensor, index: torch.Tensor, sources: torch.Tensor, reduce: str) -> torch.Tensor:

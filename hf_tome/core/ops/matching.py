@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_tome.core.ops.exportable import gather_rows, scatter_into, stable_descending_order
+from hf_tome.core.ops.exportable import gather_rows, merge_rows, stable_descending_order, unit_rows
 
 
 @dataclass
@@ -41,8 +41,8 @@ class Matching:
         # slice and concatenating (each a copy of about half the sequence).
         out = gather_rows(x, self.output_rows(x.shape[1]))
         sources = gather_rows(x, 2 * self.merged_a[..., 0])  # set A's token i sits at position 2i
-        slots = self.protected + self.unmerged_a.shape[1] + self.destination_b - self.protected // 2
-        return scatter_into(out, slots.expand(-1, -1, x.shape[-1]), sources, reduce)
+        slots = self.protected + self.unmerged_a.shape[1] + self.destination_b[..., 0] - self.protected // 2
+        return merge_rows(out, slots, sources, reduce)
 
     def output_rows(self, num_tokens: int) -> torch.Tensor:
         """Input position [B, N - r] of every output token: the protected prefix, unmerged A, then unprotected B."""
@@ -89,7 +89,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) ->
     protected_a, protected_b = (protected + 1) // 2, protected // 2
     with torch.no_grad():
         # Similarities in float32: in bfloat16 near-ties flip and the chosen pairs become noisy.
-        metric = torch.nn.functional.normalize(metric.float(), dim=-1)
+        metric = unit_rows(metric)
         scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
         # Protected A tokens must never be merged away, protected B tokens must never absorb anything.
         scores[:, :protected_a, :] = -torch.inf

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_tome.core.ops.exportable import gather_rows, stable_descending_order
+from hf_tome.core.ops.exportable import gather_rows, stable_descending_order, unit_rows
 from hf_tome.core.ops.pruning import PruneMerge
 
 PITOME_ALPHA = 1.0
@@ -45,7 +45,7 @@ def energy_scores(metric: torch.Tensor, margin: float, alpha: float = PITOME_ALP
     ``f(x) = x`` above ``margin``, ``alpha * (exp(x - margin) - 1)`` (in (-alpha, 0]) at or below it.
     """
     # float32: in bfloat16 near-ties flip and the ranking of energies becomes noisy.
-    return _energy(torch.nn.functional.normalize(metric.float(), dim=-1), margin, alpha)
+    return _energy(unit_rows(metric), margin, alpha)
 
 
 def _energy(unit: torch.Tensor, margin: float, alpha: float) -> torch.Tensor:
@@ -69,7 +69,7 @@ def pitome_matching(metric: torch.Tensor, r: int, protected: int = 1, margin: fl
                          f"{(num_tokens - protected) // 2} for N={num_tokens}, protected={protected}")
     device = metric.device
     with torch.no_grad():
-        unit = torch.nn.functional.normalize(metric.float(), dim=-1)
+        unit = unit_rows(metric)
         energy = _energy(unit, margin, alpha)
         # Protected tokens sort last, so they are never among the 2r candidates (2r <= N - protected).
         energy[:, :protected] = -torch.inf

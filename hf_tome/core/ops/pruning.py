@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_tome.core.ops.exportable import gather_rows, scatter_into, stable_descending_order
+from hf_tome.core.ops.exportable import gather_rows, merge_rows, stable_descending_order, unit_rows
 
 
 def class_attention(query_cls: torch.Tensor, keys: torch.Tensor, scale: float,
@@ -82,12 +82,11 @@ class PruneMerge:
         Pruned tokens contribute nothing. A mean is ``merge(x * size) / merge(size)`` (exports to ONNX, unlike
         ``scatter_reduce(mean)``).
         """
-        channels = x.shape[-1]
         out = gather_rows(x, self.kept)
         if self.merged.shape[1] == 0:
             return out
         sources = gather_rows(x, self.merged)
-        return scatter_into(out, self.merged_into[..., None].expand(-1, -1, channels), sources, reduce)
+        return merge_rows(out, self.merged_into, sources, reduce)
 
     def new_positions(self, num_tokens: int) -> torch.Tensor:
         """For every input position, the output slot [B, num_tokens] that now holds it (pruned: the nearest)."""
@@ -104,7 +103,7 @@ def _most_similar_kept(metric: torch.Tensor, others: torch.Tensor, kept: torch.T
     """Slot in ``kept`` [B, M] of the most similar unprotected kept token for each of ``others`` [B, K]."""
     if others.shape[1] == 0:
         return others
-    unit = torch.nn.functional.normalize(metric.float(), dim=-1)
+    unit = unit_rows(metric)
     scores = gather_rows(unit, others) @ gather_rows(unit, kept).transpose(1, 2)
     # Kept indices are sorted ascending, so the protected tokens occupy the first slots: they absorb nothing.
     scores[..., :protected] = -torch.inf
@@ -151,7 +150,7 @@ def soft_prune_merge(x: torch.Tensor, size: torch.Tensor, class_scores: torch.Te
     with torch.no_grad():
         order = rank_by_score(class_scores, protected)
         candidates = order[:, protected:slots]
-        unit = torch.nn.functional.normalize(metric.float(), dim=-1)
+        unit = unit_rows(metric)
         scores = unit @ gather_rows(unit, candidates).transpose(1, 2)
         # A token cannot be its own destination.
         scores.masked_fill_(candidates[:, None, :] == torch.arange(num_tokens, device=x.device)[None, :, None],
