@@ -3,7 +3,10 @@
 Both compressions use the same unlabeled training images, the same block trial and the same feature-mimicking
 fine-tuning (``hf-tome compress --method dc-vit`` / ``--method drop``); the linear head of the original model is
 kept as is (no labels are used). Accuracy on Fashion-MNIST test images, images/s of every model measured in the
-same run (round-robin rounds, median), MACs from the spec's formula. Prints a table, writes JSON and a plot.
+same run (round-robin rounds, median), MACs from the spec's formula. Models are evaluated on the GPU when there
+is one. Prints a table, writes JSON and two plots: accuracy against GMACs with the fine-tuning losses, and test
+accuracy against the fine-tuning iterations so far (``--curve-points``: after every per-block phase and at evenly
+spaced steps of the final phase, through ``run_compress``'s ``on_checkpoint``; the JSON's ``curve``).
 
     python benchmarks/dcvit_vs_blockdrop.py --target 0.75 --num-images 500 --test-images 2000
 
@@ -15,10 +18,12 @@ block, colour jitter, 20-epoch warm-up, weight decay 1e-4); ``--budget-minutes``
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -36,6 +41,11 @@ from hf_tome.evaluation.datasets import load_eval_dataset  # noqa: E402
 from hf_tome.evaluation.reporting import machine_info  # noqa: E402
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _images_per_s(models: dict[str, torch.nn.Module], batch: torch.Tensor, rounds: int) -> dict[str, float]:
     """Median images/s of each model over ``rounds`` round-robin rounds (every model timed in every round)."""
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -44,10 +54,55 @@ def _images_per_s(models: dict[str, torch.nn.Module], batch: torch.Tensor, round
             model(pixel_values=batch)  # warm-up
         for _ in range(rounds):
             for name, model in models.items():
+                _sync(batch.device)
                 start = time.perf_counter()
                 model(pixel_values=batch)
+                _sync(batch.device)
                 times[name].append(time.perf_counter() - start)
     return {name: len(batch) / statistics.median(values) for name, values in times.items()}
+
+
+METHOD_COLORS = {"dc-vit": "tab:blue", "drop": "tab:orange"}
+METHOD_LABELS = {"dc-vit": "DC-ViT", "drop": "block drop"}
+
+
+def curve_recorder(method: str, evaluate: Callable[[torch.nn.Module], float], images: int,
+                   points: list[dict]) -> Callable[[int, torch.nn.Module], None]:
+    """A ``run_compress`` ``on_checkpoint`` hook: appends ``{method, iterations, accuracy, images}`` to ``points``,
+    the accuracy from ``evaluate`` on a copy of the student (free to change its dtype and device)."""
+    def record(iterations: int, student: torch.nn.Module) -> None:
+        accuracy = evaluate(copy.deepcopy(student))
+        points.append({"method": method, "iterations": iterations, "accuracy": accuracy, "images": images})
+        print(f"{method}: {accuracy:.2%} after {iterations} fine-tuning iterations ({images} test images)")
+    return record
+
+
+def merge_curve(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` points (a run being resumed) with ``new`` ones replacing those at the same iterations, in order."""
+    kept = {point["iterations"]: point for point in old}
+    kept.update({point["iterations"]: point for point in new})
+    return [kept[iterations] for iterations in sorted(kept)]
+
+
+def plot_curve(curve: list[dict], original_accuracy: float, block_iterations: dict[str, int], title: str,
+               path: Path) -> None:
+    """Test accuracy against fine-tuning iterations, a line per method, the original model's accuracy as a
+    horizontal line and, where a final phase follows, a dotted line where the per-block phases end."""
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    for method, color in METHOD_COLORS.items():
+        points = sorted((p for p in curve if p["method"] == method), key=lambda p: p["iterations"])
+        if points:
+            axes.plot([p["iterations"] for p in points], [100 * p["accuracy"] for p in points], marker="o",
+                      color=color, label=METHOD_LABELS[method])
+        if method in block_iterations and any(p["iterations"] > block_iterations[method] for p in points):
+            axes.axvline(block_iterations[method], color=color, linestyle=":", linewidth=1)
+    axes.axhline(100 * original_accuracy, color="black", linestyle="--", label="original")
+    axes.set(xlabel="fine-tuning iterations so far (per-block phases, then final; dotted: final starts)",
+             ylabel="Fashion-MNIST test accuracy (%)", title=title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main() -> None:
@@ -55,6 +110,10 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.75)
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--test-images", type=int, default=2000)
+    parser.add_argument("--curve-points", type=int, default=4, help="test-accuracy points in the final fine-tuning "
+                        "phase (besides one after every per-block phase; 0: no accuracy-against-iterations curve)")
+    parser.add_argument("--curve-test-images", type=int, default=None,
+                        help="test images per curve point (default: --test-images, so the last point is the table's)")
     defaults = CompressOptions()
     parser.add_argument("--iterations-per-block", type=int, default=defaults.iterations_per_block)
     parser.add_argument("--final-iterations", type=int, default=defaults.final_iterations)
@@ -78,14 +137,37 @@ def main() -> None:
     args = parser.parse_args()
 
     base = str(default_model_path())
-    runs = {}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype("auto", device)
+    processor = AutoImageProcessor.from_pretrained(base)
+    dataset = load_eval_dataset("fashion-mnist", "test", args.test_images)
+    batches = preprocess_all(dataset, processor, 64, dtype)
+    curve_images = args.curve_test_images or args.test_images
+    if curve_images == args.test_images:
+        curve_dataset, curve_batches = dataset, batches
+    else:
+        curve_dataset = load_eval_dataset("fashion-mnist", "test", curve_images)
+        curve_batches = preprocess_all(curve_dataset, processor, 64, dtype)
+
+    def curve_accuracy(model: torch.nn.Module) -> float:
+        return evaluate_classifier(model.to(device), curve_dataset, processor, batch_size=64, dtype=dtype,
+                                   batches=curve_batches, description="curve point").accuracy
+
+    runs, curve = {}, []
     for method in ("dc-vit", "drop"):
         out = args.out / method
+        curve_file = out / "curve.json"  # this method's points, kept for --resume and --skip-compress
+        if curve_file.exists() and not (args.resume or args.skip_compress):
+            curve_file.unlink()  # a fresh compression: the old points describe another run
+        saved_curve = json.loads(curve_file.read_text()) if curve_file.exists() and args.curve_points > 0 else []
+        points: list[dict] = []
         if not args.skip_compress:
             metric_set = args.out / "dc-vit" / "state" / "metric_set.pt"
             if method == "drop" and metric_set.exists():  # the same synthetic metric set for both block trials
                 (out / "state").mkdir(parents=True, exist_ok=True)
                 shutil.copy(metric_set, out / "state" / "metric_set.pt")
+            hook = None if args.curve_points <= 0 else curve_recorder(method, curve_accuracy, len(curve_dataset),
+                                                                       points)
             start = time.perf_counter()
             summary = run_compress(CompressOptions(
                 target=args.target, method=method, num_images=args.num_images, out=out,
@@ -96,19 +178,19 @@ def main() -> None:
                 batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, pool_copies=args.pool_copies,
                 train_scope=args.train_scope, logits_weight=args.logits_weight,
                 metric_images=args.metric_images, metric_steps=args.metric_steps,
-                mixed_precision=args.mixed_precision))
-            summary["wall_seconds"] = time.perf_counter() - start
+                mixed_precision=args.mixed_precision), on_checkpoint=hook, final_checkpoints=args.curve_points)
+            summary["wall_seconds"] = time.perf_counter() - start  # curve points included
         else:
             summary = json.loads((out / "compress.json").read_text())
         runs[method] = summary
+        method_curve = merge_curve(saved_curve, points)
+        if points:
+            curve_file.write_text(json.dumps(method_curve, indent=1))
+        curve += method_curve
 
-    dtype = resolve_dtype("auto")
-    processor = AutoImageProcessor.from_pretrained(base)
-    dataset = load_eval_dataset("fashion-mnist", "test", args.test_images)
-    batches = preprocess_all(dataset, processor, 64, dtype)
-    models = {"original": hf_tome.AutoModelForImageClassification.from_pretrained(base).eval(),
-              "DC-ViT": hf_tome.AutoModelForImageClassification.from_pretrained(args.out / "dc-vit" / "model").eval(),
-              "block drop": hf_tome.AutoModelForImageClassification.from_pretrained(args.out / "drop" / "model").eval()}
+    load = hf_tome.AutoModelForImageClassification.from_pretrained
+    models = {name: load(path).eval().to(device) for name, path in (
+        ("original", base), ("DC-ViT", args.out / "dc-vit" / "model"), ("block drop", args.out / "drop" / "model"))}
     rows = []
     for name, model in models.items():
         result = evaluate_classifier(model, dataset, processor, batch_size=64, dtype=dtype, batches=batches,
@@ -118,7 +200,7 @@ def main() -> None:
                      "compressed_blocks": getattr(model.config, "block_compression", {}).get("mlp_kept", {})})
     for model in models.values():
         model.to(dtype)
-    speed = _images_per_s(models, batches[0][0][:32].to(dtype), args.rounds)
+    speed = _images_per_s(models, batches[0][0][:32].to(device=device, dtype=dtype), args.rounds)
     full = rows[0]["gmacs"]
     for row in rows:
         row["macs_fraction"] = row["gmacs"] / full
@@ -132,7 +214,11 @@ def main() -> None:
     payload = {"rows": rows, "runs": {m: {k: v for k, v in s.items() if k != "losses"} for m, s in runs.items()},
                "losses": {m: s.get("losses") for m, s in runs.items()}, "args": {k: str(v) for k, v in
                                                                                vars(args).items()},
-               "test_images": len(dataset), "dtype": str(dtype), "machine": machine_info()}
+               "test_images": len(dataset), "dtype": str(dtype), "device": str(device), "curve": curve,
+               "curve_original_accuracy": None, "machine": machine_info()}
+    if curve:
+        payload["curve_original_accuracy"] = (rows[0]["accuracy"] if curve_dataset is dataset
+                                              else curve_accuracy(copy.deepcopy(models["original"])))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dcvit_vs_blockdrop.json").write_text(json.dumps(payload, indent=1))
 
@@ -154,6 +240,13 @@ def main() -> None:
     plot_dir.mkdir(exist_ok=True)
     figure.savefig(plot_dir / "dcvit_vs_blockdrop.png", dpi=120)
     print(f"wrote {args.out / 'dcvit_vs_blockdrop.json'} and {plot_dir / 'dcvit_vs_blockdrop.png'}")
+    if curve:
+        block_iterations = {method: sum(len(losses) for phase, losses in (summary.get("losses") or {}).items()
+                                        if phase != "final") for method, summary in runs.items()}
+        curve_path = plot_dir / "dcvit_accuracy_vs_iterations.png"
+        plot_curve(curve, payload["curve_original_accuracy"], block_iterations,
+                   f"DINOv2-S at {args.target:g} of the MACs, {args.num_images} unlabeled images", curve_path)
+        print(f"wrote {curve_path}")
 
 
 if __name__ == "__main__":

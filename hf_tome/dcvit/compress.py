@@ -29,7 +29,7 @@ from hf_tome.core.cli_help import DefaultsHelpFormatter
 from hf_tome.dcvit.block_budget import block_costs, plan_blocks
 from hf_tome.dcvit.blocks import CONFIG_KEY, compress_layer, encoder_layers, record_compression, split_units
 from hf_tome.dcvit.metric_set import generate_metric_set
-from hf_tome.dcvit.mimic import feature_mse, finetune_mimic
+from hf_tome.dcvit.mimic import Checkpoint, feature_mse, finetune_mimic
 from hf_tome.dcvit.options import CompressOptions, add_compress_arguments
 from hf_tome.dcvit.pool import AugmentedPool, build_pool, cache_teacher
 from hf_tome.dcvit.recipe import StepCosts, TrainingPlan, epochs_to_iterations, fit_to_budget, warmup_iterations
@@ -165,10 +165,37 @@ def _finetune_settings(options: CompressOptions, iterations: int, scope: str) ->
             "cache_dtype": _cache_dtype(options), "seed": options.seed}
 
 
-def run_compress(options: CompressOptions, clock: Callable[[], float] = time.perf_counter) -> dict:
+def _checkpoint_settings(state: CompressionState, on_checkpoint: Checkpoint | None,
+                         final_checkpoints: int) -> tuple[dict, dict]:
+    """``finetune_mimic`` arguments that call ``on_checkpoint`` with the iterations so far: at the end of every
+    per-block phase, and at ``final_checkpoints`` steps of the final phase (nothing when ``on_checkpoint`` is None).
+
+    The phase in progress is not in ``state.losses`` yet, so the steps before it are those of the finished
+    per-block phases."""
+    if on_checkpoint is None:
+        return {}, {}
+
+    def at_step(step: int, student: nn.Module) -> None:
+        done = sum(len(losses) for phase, losses in state.losses.items() if phase != "final")
+        on_checkpoint(done + step, student)
+
+    return ({"on_checkpoint": at_step, "checkpoints": 1},
+            {"on_checkpoint": at_step, "checkpoints": final_checkpoints})
+
+
+def run_compress(options: CompressOptions, clock: Callable[[], float] = time.perf_counter, *,
+                 on_checkpoint: Checkpoint | None = None, final_checkpoints: int = 4) -> dict:
     """Run the whole compression; returns the summary also written to ``options.out/compress.json``.
 
-    ``clock`` (seconds) times the run and the ``--budget-minutes`` measurement."""
+    ``clock`` (seconds) times the run and the ``--budget-minutes`` measurement.
+
+    ``on_checkpoint(iterations, student)``, when given, sees the student during its fine-tuning: at the end of
+    every per-block phase and at ``final_checkpoints`` evenly spaced steps of the final phase (the last at its
+    end), with ``iterations`` the fine-tuning steps so far (per-block phases, resumed ones included, plus the final
+    phase's). It runs on the main process with the student in eval mode and must not change it (see
+    :func:`~hf_tome.dcvit.mimic.finetune_mimic`); e.g. a benchmark's accuracy-against-iterations curve. Block
+    trials are not seen. Its time counts in the summary's ``seconds`` but not in ``--budget-minutes``' plan. An
+    argument, not an option: nothing of it is saved in ``compress.json`` or the model's config."""
     from transformers import AutoImageProcessor
 
     accelerator = make_accelerator(**({"mixed_precision": options.mixed_precision} if options.mixed_precision else {}))
@@ -224,11 +251,13 @@ def run_compress(options: CompressOptions, clock: Callable[[], float] = time.per
         if accelerator.is_main_process:
             state.save(state_dir)
     student = _load_model(str(state_dir / STATE_MODEL)) if state.done else copy.deepcopy(original)
+    block_hook, final_hook = _checkpoint_settings(state, on_checkpoint, final_checkpoints)
     student = progressive_compress(student.to(accelerator.device), state, pool, None, accelerator, state_dir,
-                                   importance, batch_size=options.batch_size, lr=options.lr,
+                                   importance, batch_size=options.batch_size, lr=options.lr, **block_hook,
                                    **_finetune_settings(options, training.per_block, options.train_scope))
     student = final_finetune(student, state, pool, None, accelerator, state_dir, batch_size=options.batch_size,
-                             lr=options.lr, **_finetune_settings(options, training.final, options.train_scope))
+                             lr=options.lr, **final_hook,
+                             **_finetune_settings(options, training.final, options.train_scope))
     report = compute_report(student, image_size)
     full_gmacs = costs.full_macs / 1e9
     details = {"method": options.method, "target": options.target, "base_model": model_name,

@@ -11,6 +11,7 @@ runs once per pool entry, not every step. AdamW with a linear warm-up and a cosi
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -132,13 +133,26 @@ def _batches(size: int, batch_size: int, generator: torch.Generator) -> Iterator
             yield order[start:start + batch_size]
 
 
+Checkpoint = Callable[[int, nn.Module], None]
+"""``on_checkpoint(step, model)`` of :func:`finetune_mimic`: called with the steps done and the model in eval mode."""
+
+
+def checkpoint_steps(iterations: int, points: int) -> list[int]:
+    """``points`` evenly spaced steps (1-based) of a phase of ``iterations``, the last one its end; fewer when the
+    phase is shorter than ``points``, none when either is 0."""
+    if iterations <= 0 or points <= 0:
+        return []
+    return sorted({math.ceil(iterations * k / points) for k in range(1, points + 1)})
+
+
 def finetune_mimic(model: nn.Module, pixel_values: torch.Tensor | AugmentedPool, teacher_tokens: torch.Tensor | None,
                    compressed_blocks: Sequence[int], accelerator: Accelerator, epochs: float | None = None,
                    batch_size: int = 16, lr: float = RECIPE_LR, weight_decay: float = RECIPE_WEIGHT_DECAY,
                    seed: int = 0, description: str = "fine-tuning", *, iterations: int | None = None,
                    warmup: int = 0, scope: str = "prefix", micro_batch_size: int | None = None,
                    logits_weight: float = 0.0, cache_dtype: torch.dtype = torch.float32,
-                   timings: list[float] | None = None) -> list[float]:
+                   timings: list[float] | None = None, on_checkpoint: Checkpoint | None = None,
+                   checkpoints: int = 0) -> list[float]:
     """Fine-tune ``model`` in place to mimic the teacher; returns the loss of every step.
 
     ``pixel_values`` is an ``AugmentedPool`` with cached teacher outputs (``teacher_tokens`` None), or images with
@@ -148,6 +162,11 @@ def finetune_mimic(model: nn.Module, pixel_values: torch.Tensor | AugmentedPool,
     pieces. The frozen patch embedding and blocks before the first trainable one run once per pool entry
     (``cache_prefix``), not every step. AdamW (``make_optimizer``), linear warm-up then cosine. ``timings`` gets
     every step's seconds.
+
+    ``on_checkpoint(step, model)`` runs after each of the ``checkpoint_steps(iterations, checkpoints)`` steps, on
+    the main process (the others wait), with ``model`` in eval mode; training resumes afterwards as if it had not
+    been called, so it must not change ``model`` (copy it to run it in another dtype or on another device). It is
+    not timed in ``timings``.
     """
     pool = pixel_values if isinstance(pixel_values, AugmentedPool) else build_pool(pixel_values, augment="none")
     if teacher_tokens is not None:
@@ -165,7 +184,8 @@ def finetune_mimic(model: nn.Module, pixel_values: torch.Tensor | AugmentedPool,
     batches = _batches(len(pool), batch_size, torch.Generator().manual_seed(seed))
     rank, world = accelerator.process_index, accelerator.num_processes
     losses: list[float] = []
-    for _ in tqdm(range(iterations), desc=description, disable=not accelerator.is_local_main_process):
+    at = set(checkpoint_steps(iterations, checkpoints)) if on_checkpoint is not None else set()
+    for step in tqdm(range(1, iterations + 1), desc=description, disable=not accelerator.is_local_main_process):
         started = time.perf_counter()
         local = next(batches)[rank::world]
         pieces = local.split(micro_batch_size or len(local))
@@ -182,6 +202,12 @@ def finetune_mimic(model: nn.Module, pixel_values: torch.Tensor | AugmentedPool,
         losses.append(accelerator.gather(total[None]).mean().item())
         if timings is not None:
             timings.append(time.perf_counter() - started)
+        if step in at:
+            model.eval()
+            if accelerator.is_main_process:
+                on_checkpoint(step, model)
+            accelerator.wait_for_everyone()
+            student.train()
     del hidden
     accelerator.free_memory()  # drops the prepared wrappers; ``model`` itself holds the trained weights
     for parameter in model.parameters():
