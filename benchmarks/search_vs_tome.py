@@ -153,10 +153,12 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype)
     # The same construction as run_search (the accelerator state is shared): gloo on GPU-less multi-process runs.
     accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
-    evaluator = CachedEvaluator(hf_tome.apply(model, budget=None, budget_table=None, prune_kept=None,
+    # The saved settings (merge rule and mode among them) stay; only the table goes: each setting brings its counts.
+    saved = model.tome_config
+    merging = {"merge_rule": saved.merge_rule, "merge_mode": saved.merge_mode}
+    evaluator = CachedEvaluator(hf_tome.apply(model, saved, budget=None, budget_table=None, prune_kept=None,
                                               merge_kept=None), test, processor, accelerator, dtype,
                                 args.batch_size, keep_pixels=True)
-    merging = {"merge_rule": model.tome_config.merge_rule, "merge_mode": model.tome_config.merge_mode}
     tome_merging = {"merge_rule": "bipartite", "merge_mode": "mean"}
     other_merging = ", ".join(value for value in merging.values() if value not in tome_merging.values())
     settings = [{"name": "full", "gflops": full, "prune_kept": None, "merge_kept": None}]

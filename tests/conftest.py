@@ -89,3 +89,20 @@ def image_folder(tmp_path_factory):
     for index in range(12):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{index}.png")
     return folder
+
+
+def block2_compressed(num_images: int) -> tuple:
+    """A tiny 6-block DINOv2 teacher, ``num_images`` random 32 px images, the teacher's output tokens and a student
+    copy whose block 2 keeps 20 MLP units: the starting point of the DC-ViT fine-tuning tests."""
+    import copy
+
+    from hf_tome.dcvit import blocks
+    from hf_tome.dcvit.mimic import output_tokens
+
+    torch.manual_seed(0)
+    original = make_model("dinov2-cls", num_hidden_layers=6)
+    pixels = torch.randn(num_images, 3, 32, 32)
+    teacher = output_tokens(original, pixels)
+    student = copy.deepcopy(original)
+    blocks.compress_layer(blocks.encoder_layers(student)[2], 20)
+    return original, pixels, teacher, student

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import make_model
+from conftest import block2_compressed, make_model
 
 import hf_tome
 from hf_tome.dcvit import blocks
 from hf_tome.dcvit.compress import CompressOptions, main, run_compress
 from hf_tome.dcvit.metric_set import generate_metric_set, total_variation
-from hf_tome.dcvit.mimic import feature_mse, finetune_mimic, output_tokens
+from hf_tome.dcvit.mimic import feature_mse, finetune_mimic
 
 
 def test_metric_set_generator_lowers_its_loss():
@@ -33,12 +32,7 @@ def test_metric_set_generator_lowers_its_loss():
 
 
 def test_finetuning_lowers_feature_mse_and_only_touches_early_blocks():
-    torch.manual_seed(0)
-    original = make_model("dinov2-cls", num_hidden_layers=6)
-    pixels = torch.randn(16, 3, 32, 32)
-    teacher = output_tokens(original, pixels)
-    student = copy.deepcopy(original)
-    blocks.compress_layer(blocks.encoder_layers(student)[2], 20)
+    _, pixels, teacher, student = block2_compressed(16)
     untouched = blocks.encoder_layers(student)[4].mlp.fc1.weight.detach().clone()
     before = feature_mse(student, pixels, teacher)
     losses = finetune_mimic(student, pixels, teacher, [2], Accelerator(cpu=True), epochs=8, batch_size=8, lr=3e-3)

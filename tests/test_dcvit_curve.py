@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import make_model
+from conftest import block2_compressed, make_model
 
 import hf_tome
-from hf_tome.dcvit import blocks
 from hf_tome.dcvit.compress import CompressOptions, run_compress
-from hf_tome.dcvit.mimic import checkpoint_steps, finetune_mimic, output_tokens
+from hf_tome.dcvit.mimic import checkpoint_steps, finetune_mimic
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "dcvit_vs_blockdrop.py"
 
@@ -29,12 +28,7 @@ def test_checkpoint_steps_are_evenly_spaced_and_end_the_phase():
 
 
 def test_checkpoints_see_the_model_in_eval_mode_and_leave_training_unchanged():
-    torch.manual_seed(0)
-    original = make_model("dinov2-cls", num_hidden_layers=6)
-    pixels = torch.randn(8, 3, 32, 32)
-    teacher = output_tokens(original, pixels)
-    student = copy.deepcopy(original)
-    blocks.compress_layer(blocks.encoder_layers(student)[2], 20)
+    _, pixels, teacher, student = block2_compressed(8)
     plain, hooked = copy.deepcopy(student), copy.deepcopy(student)
     seen = []
 
