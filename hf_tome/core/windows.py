@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from hf_tome.core.ops import Matching, bipartite_soft_matching
+from hf_tome.core.ops.exportable import unit_rows
 
 
 def match_windows(metric: torch.Tensor, r: int, labels: torch.Tensor | None) -> Matching:
@@ -20,16 +21,16 @@ def match_windows(metric: torch.Tensor, r: int, labels: torch.Tensor | None) -> 
     lack one, and its tokens then merge across only when r exceeds the same-label pairs.
     """
     if labels is not None:
-        unit = nn.functional.normalize(metric.float(), dim=-1)
+        unit = unit_rows(metric)
         one_hot = nn.functional.one_hot(labels, num_classes=18).to(unit.dtype)
         metric = torch.cat([unit, 2.0 * one_hot], dim=-1)
     return bipartite_soft_matching(metric, r, protected=0)
 
 
 def group_members(matching: Matching, num_tokens: int) -> torch.Tensor:
-    """One original window position [B*nW, M] per merged token: the unmerged A token, or the B token absorbing."""
-    set_b = torch.arange(1, num_tokens, 2, device=matching.unmerged_a.device).expand(matching.unmerged_a.shape[0], -1)
-    return torch.cat([2 * matching.unmerged_a[..., 0], set_b], dim=1)  # layout of Matching.merge, nothing protected
+    """One original window position [B*nW, M] per merged token: the unmerged A token, or the B token absorbing
+    (the layout :meth:`Matching.merge` writes; windows protect nothing)."""
+    return matching.output_rows(num_tokens)
 
 
 def merged_window_bias(positions: torch.Tensor, members: torch.Tensor, position_bias: torch.Tensor,

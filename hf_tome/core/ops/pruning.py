@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_tome.core.ops.exportable import gather_rows, merge_rows, stable_descending_order, unit_rows
+from hf_tome.core.ops.exportable import add_rows, gather_rows, merge_rows, stable_descending_order, unit_rows
 
 
 def class_attention(query_cls: torch.Tensor, keys: torch.Tensor, scale: float,
@@ -144,7 +144,7 @@ def soft_prune_merge(x: torch.Tensor, size: torch.Tensor, class_scores: torch.Te
     Returns ``(x, size)`` of the same shapes: ``x`` in its own dtype (the mixing runs in float32), ``size`` in
     float32.
     """
-    batch, num_tokens, channels = x.shape
+    batch, num_tokens = x.shape[:2]
     size = size.float()
     slots = max(protected + 1, min(slots, num_tokens))
     with torch.no_grad():
@@ -163,7 +163,7 @@ def soft_prune_merge(x: torch.Tensor, size: torch.Tensor, class_scores: torch.Te
     own_mass, given_mass = size * keep, size * give
     mass = own_mass.scatter_add(1, destination[..., None], given_mass)
     wide = x.float()
-    total = (wide * own_mass).scatter_add(1, destination[..., None].expand(-1, -1, channels), wide * given_mass)
+    total = add_rows(wide * own_mass, destination, wide * given_mass)
     # Tokens with no mass left keep their old value (it no longer matters) instead of dividing by zero.
     present = mass > 1e-6
     x = torch.where(present, (total / mass.clamp_min(1e-6)).to(x.dtype), x)
