@@ -116,11 +116,10 @@ def _load(options: SearchOptions, accelerator):
         model_name = options.model
     model = AutoModelForImageClassification.from_pretrained(model_name)
     saved = ToMeConfig.from_dict(model.config.tome) if getattr(model.config, "tome", None) else ToMeConfig()
-    # The candidates are scored, and the table saved, with the requested merge rule and mode.
-    merging = {key: value for key, value in (("merge_rule", options.merge_rule), ("merge_mode", options.merge_mode))
-               if value is not None}
+    # The candidates are scored, and the table saved, with the requested merge rule and mode (else the saved ones).
     base = saved.replace(r=0, prune_kept=None, merge_kept=None, budget=None, budget_table=None, trace_source=False,
-                         **merging)
+                         merge_rule=options.merge_rule or saved.merge_rule,
+                         merge_mode=options.merge_mode or saved.merge_mode)
     from hf_tome.integration.patch import apply
 
     apply(model, base)

@@ -146,17 +146,21 @@ class CachedEvaluator:
                            plan: ReductionPlan | None = None) -> torch.Tensor:
         """Logits of the model run from cached block-0 outputs ``hidden`` (inside :meth:`replaying`), under ``plan``
         (default: the one :meth:`set_kept` built)."""
-        replay.hidden, replay.run_block = hidden, False
-        # Block 0's output is replayed, so the pixels only need the right shape (embedding them is cheap).
-        pixels = torch.zeros(hidden.shape[0], *self.pixel_shape, device=self.device, dtype=self.dtype)
-        return self.model(pixel_values=pixels, tome_plan=plan or self.plan).logits
+        return self._replayed_logits(replay, hidden, plan, run_block=False)
 
     def logits_from_block0_input(self, replay: _ReplayBlock, hidden: torch.Tensor,
                                  plan: ReductionPlan | None = None) -> torch.Tensor:
         """Logits of the model run from cached block-0 *inputs* ``hidden`` (inside :meth:`replaying`): every block
         runs, block 0 under the plan too, so the plan may compress it."""
-        replay.hidden, replay.run_block = hidden, True
+        return self._replayed_logits(replay, hidden, plan, run_block=True)
+
+    def _replayed_logits(self, replay: _ReplayBlock, hidden: torch.Tensor, plan: ReductionPlan | None,
+                         run_block: bool) -> torch.Tensor:
+        """The model's logits with block 0 standing in for the cached ``hidden`` (its output, or with
+        ``run_block`` its input)."""
+        replay.hidden, replay.run_block = hidden, run_block
         try:
+            # Block 0's input or output is replayed, so the pixels only need the right shape (embedding is cheap).
             pixels = torch.zeros(hidden.shape[0], *self.pixel_shape, device=self.device, dtype=self.dtype)
             return self.model(pixel_values=pixels, tome_plan=plan or self.plan).logits
         finally:
@@ -184,12 +188,11 @@ class CachedEvaluator:
 
         ``merge_rule``/``merge_mode`` None keep the base configuration's (the model's saved ones).
         """
-        merging = {key: value for key, value in (("merge_rule", merge_rule), ("merge_mode", merge_mode))
-                   if value is not None}
-        config = self.base_config.replace(r=r, budget=None, budget_table=None, merge_match=merge_match,
-                                          prune_kept=list(prune_kept) if prune_kept is not None else None,
-                                          merge_kept=list(merge_kept) if merge_kept is not None else None,
-                                          **merging)
+        base = self.base_config
+        config = base.replace(r=r, budget=None, budget_table=None, merge_match=merge_match,
+                              prune_kept=list(prune_kept) if prune_kept is not None else None,
+                              merge_kept=list(merge_kept) if merge_kept is not None else None,
+                              merge_rule=merge_rule or base.merge_rule, merge_mode=merge_mode or base.merge_mode)
         self.plan = build_plan(self.model, config)
 
     def evaluate(self, configs: Sequence[tuple], count: int,
