@@ -222,7 +222,7 @@ def run_compress(options: CompressOptions, clock: Callable[[], float] = time.per
     cache_teacher(pool, original, accelerator, logits=options.logits_weight > 0, dtype=_cache_dtype(options),
                   description="teacher outputs" if accelerator.is_local_main_process else None)
     pool_seconds = clock() - pool_started
-    teacher = pool.teacher_tokens[: len(pixels)].float().cpu()  # copy 0 of every image: the images as given
+    teacher = pool.plain_teacher_tokens()
     importance = (activation_importance(original, pixels[:64].to(accelerator.device))
                   if options.importance == "activation" else None)
     candidates = list(range(1, costs.num_layers - 1))

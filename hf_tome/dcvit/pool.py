@@ -71,6 +71,10 @@ class AugmentedPool:
         jittered = color_jitter(raw, self.factors[indices], self.flips[indices], self.mean, self.std)
         return torch.where(augmented.view(-1, 1, 1, 1), jittered, raw)
 
+    def plain_teacher_tokens(self) -> torch.Tensor:
+        """The cached teacher tokens of the images as given (the first copy of every image), float32 on the CPU."""
+        return self.teacher_tokens[: len(self.pixels)].float().cpu()
+
 
 def build_pool(pixels: torch.Tensor, copies: int = 1, augment: str = "color-jitter", seed: int = 0,
                mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> AugmentedPool:

@@ -87,7 +87,7 @@ def save_state(student: nn.Module, state: CompressionState, accelerator: Acceler
 def _evaluation_pair(pool: AugmentedPool | torch.Tensor, teacher_tokens: torch.Tensor | None):
     """The images as given and the teacher's tokens for them (a pool's first copy is the images unchanged)."""
     if isinstance(pool, AugmentedPool):
-        return pool.pixels, pool.teacher_tokens[: len(pool.pixels)].float().cpu()
+        return pool.pixels, pool.plain_teacher_tokens()
     return pool, teacher_tokens
 
 
