@@ -35,6 +35,7 @@ from transformers import AutoImageProcessor  # noqa: E402
 
 import hf_tome  # noqa: E402
 from hf_tome.dcvit.compress import CompressOptions, run_compress  # noqa: E402
+from hf_tome.dcvit.trial import per_block_iterations  # noqa: E402
 from hf_tome.evaluation.assets.default_model import default_model_path  # noqa: E402
 from hf_tome.evaluation.classification import evaluate_classifier, preprocess_all, resolve_dtype  # noqa: E402
 from hf_tome.evaluation.datasets import load_eval_dataset  # noqa: E402
@@ -241,8 +242,8 @@ def main() -> None:
     figure.savefig(plot_dir / "dcvit_vs_blockdrop.png", dpi=120)
     print(f"wrote {args.out / 'dcvit_vs_blockdrop.json'} and {plot_dir / 'dcvit_vs_blockdrop.png'}")
     if curve:
-        block_iterations = {method: sum(len(losses) for phase, losses in (summary.get("losses") or {}).items()
-                                        if phase != "final") for method, summary in runs.items()}
+        block_iterations = {method: per_block_iterations(summary.get("losses") or {})
+                            for method, summary in runs.items()}
         curve_path = plot_dir / "dcvit_accuracy_vs_iterations.png"
         plot_curve(curve, payload["curve_original_accuracy"], block_iterations,
                    f"DINOv2-S at {args.target:g} of the MACs, {args.num_images} unlabeled images", curve_path)

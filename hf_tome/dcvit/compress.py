@@ -39,6 +39,7 @@ from hf_tome.dcvit.trial import (
     activation_importance,
     divergence_scorer,
     final_finetune,
+    per_block_iterations,
     progressive_compress,
     trial_blocks,
 )
@@ -176,8 +177,7 @@ def _checkpoint_settings(state: CompressionState, on_checkpoint: Checkpoint | No
         return {}, {}
 
     def at_step(step: int, student: nn.Module) -> None:
-        done = sum(len(losses) for phase, losses in state.losses.items() if phase != "final")
-        on_checkpoint(done + step, student)
+        on_checkpoint(per_block_iterations(state.losses) + step, student)
 
     return ({"on_checkpoint": at_step, "checkpoints": 1},
             {"on_checkpoint": at_step, "checkpoints": final_checkpoints})

@@ -75,6 +75,11 @@ class CompressionState:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
+def per_block_iterations(losses: dict[str, list[float]]) -> int:
+    """Fine-tuning steps of the per-block phases in ``losses`` (one list per phase; every phase but ``"final"``)."""
+    return sum(len(phase_losses) for phase, phase_losses in losses.items() if phase != "final")
+
+
 def save_state(student: nn.Module, state: CompressionState, accelerator: Accelerator, state_dir: Path) -> None:
     """Save the student and the progress from the main process, with every process in step."""
     accelerator.wait_for_everyone()
