@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from transformers import AutoImageProcessor  # noqa: E402
 
 import hf_tome  # noqa: E402
-from hf_tome.dcvit.compress import CompressOptions, run_compress  # noqa: E402
-from hf_tome.dcvit.trial import per_block_iterations  # noqa: E402
+from hf_tome.dcvit.compress import CompressOptions, _load_model, load_unlabeled_pixels, run_compress  # noqa: E402
+from hf_tome.dcvit.trial import activation_importance, compress_block, per_block_iterations  # noqa: E402
 from hf_tome.evaluation.assets.default_model import default_model_path  # noqa: E402
 from hf_tome.evaluation.classification import evaluate_classifier, preprocess_all, resolve_dtype  # noqa: E402
 from hf_tome.evaluation.datasets import load_eval_dataset  # noqa: E402
@@ -85,8 +85,36 @@ def merge_curve(old: list[dict], new: list[dict]) -> list[dict]:
     return [kept[iterations] for iterations in sorted(kept)]
 
 
+def untrained_starts(base: str, runs: dict[str, dict], num_images: int, processor,
+                     evaluate: Callable[[torch.nn.Module], float], images: int) -> list[dict]:
+    """Accuracy of every compressed model before any fine-tuning: the blocks and widths each run chose, compressed
+    at once (shallow to deep) from the original, DC-ViT's blocks both with the published init (the kept units'
+    trained weights) and with the least-squares refit on the same unlabeled images, block dropping as is."""
+    original = _load_model(base)
+    pixels, _ = load_unlabeled_pixels(CompressOptions(num_images=num_images), processor)
+    importance = activation_importance(original, pixels[:64])  # what run_compress uses
+    variants = [("dc-vit", "published"), ("dc-vit", "least-squares"), ("drop", "published")]
+    starts = []
+    for method, init in variants:
+        if method not in runs:
+            continue
+        student = copy.deepcopy(original)
+        widths = {int(block): units for block, units in runs[method]["block_compression"]["mlp_kept"].items()}
+        for block in sorted(widths):
+            compress_block(student, original, block, widths[block], pixels, None, importance, init)
+        accuracy = evaluate(student)
+        starts.append({"method": method, "init": init, "iterations": 0, "accuracy": accuracy, "images": images})
+        print(f"{method}, {init} init, no fine-tuning: {accuracy:.2%} ({images} test images)")
+    return starts
+
+
+START_MARKERS = {("dc-vit", "published"): ("tab:blue", "x", "DC-ViT, published init, no fine-tuning"),
+                 ("dc-vit", "least-squares"): ("tab:blue", "*", "DC-ViT, least-squares init, no fine-tuning"),
+                 ("drop", "published"): ("tab:orange", "x", "block drop, no fine-tuning")}
+
+
 def plot_curve(curve: list[dict], original_accuracy: float, block_iterations: dict[str, int], title: str,
-               path: Path) -> None:
+               path: Path, starts: list[dict] | None = None) -> None:
     """Test accuracy against fine-tuning iterations, a line per method, the original model's accuracy as a
     horizontal line and, where a final phase follows, a dotted line where the per-block phases end."""
     figure, axes = plt.subplots(figsize=(6.5, 4))
@@ -97,10 +125,13 @@ def plot_curve(curve: list[dict], original_accuracy: float, block_iterations: di
                       color=color, label=METHOD_LABELS[method])
         if method in block_iterations and any(p["iterations"] > block_iterations[method] for p in points):
             axes.axvline(block_iterations[method], color=color, linestyle=":", linewidth=1)
+    for start in starts or []:
+        color, marker, label = START_MARKERS[(start["method"], start["init"])]
+        axes.scatter([0], [100 * start["accuracy"]], color=color, marker=marker, s=70, label=label, zorder=3)
     axes.axhline(100 * original_accuracy, color="black", linestyle="--", label="original")
     axes.set(xlabel="fine-tuning iterations so far (per-block phases, then final; dotted: final starts)",
              ylabel="Fashion-MNIST test accuracy (%)", title=title)
-    axes.legend()
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -128,6 +159,10 @@ def main() -> None:
     parser.add_argument("--pool-copies", type=int, default=defaults.pool_copies)
     parser.add_argument("--train-scope", choices=["prefix", "local"], default=defaults.train_scope)
     parser.add_argument("--logits-weight", type=float, default=defaults.logits_weight)
+    parser.add_argument("--init", choices=["least-squares", "published"], default=defaults.init,
+                        help="DC-ViT's init of a compressed block (block dropping has nothing to init)")
+    parser.add_argument("--no-starts", action="store_true", help="skip the accuracy of every compressed model "
+                        "before fine-tuning (both DC-ViT inits and block dropping, on the curve's test images)")
     parser.add_argument("--resume", action="store_true", help="continue the runs in --out (e.g. with --final-epochs)")
     parser.add_argument("--metric-images", type=int, default=32)
     parser.add_argument("--metric-steps", type=int, default=40)
@@ -177,7 +212,7 @@ def main() -> None:
                 trial_epochs=args.trial_epochs, final_epochs=args.final_epochs, resume=args.resume,
                 budget_minutes=None if args.budget_minutes is None else args.budget_minutes / 2,
                 batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, pool_copies=args.pool_copies,
-                train_scope=args.train_scope, logits_weight=args.logits_weight,
+                train_scope=args.train_scope, logits_weight=args.logits_weight, init=args.init,
                 metric_images=args.metric_images, metric_steps=args.metric_steps,
                 mixed_precision=args.mixed_precision), on_checkpoint=hook, final_checkpoints=args.curve_points)
             summary["wall_seconds"] = time.perf_counter() - start  # curve points included
@@ -189,6 +224,8 @@ def main() -> None:
             curve_file.write_text(json.dumps(method_curve, indent=1))
         curve += method_curve
 
+    starts = [] if args.no_starts else untrained_starts(base, runs, args.num_images, processor, curve_accuracy,
+                                                        len(curve_dataset))
     load = hf_tome.AutoModelForImageClassification.from_pretrained
     models = {name: load(path).eval().to(device) for name, path in (
         ("original", base), ("DC-ViT", args.out / "dc-vit" / "model"), ("block drop", args.out / "drop" / "model"))}
@@ -216,8 +253,9 @@ def main() -> None:
                "losses": {m: s.get("losses") for m, s in runs.items()}, "args": {k: str(v) for k, v in
                                                                                vars(args).items()},
                "test_images": len(dataset), "dtype": str(dtype), "device": str(device), "curve": curve,
+               "untrained_starts": starts,
                "curve_original_accuracy": None, "machine": machine_info()}
-    if curve:
+    if curve or starts:
         payload["curve_original_accuracy"] = (rows[0]["accuracy"] if curve_dataset is dataset
                                               else curve_accuracy(copy.deepcopy(models["original"])))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -241,12 +279,13 @@ def main() -> None:
     plot_dir.mkdir(exist_ok=True)
     figure.savefig(plot_dir / "dcvit_vs_blockdrop.png", dpi=120)
     print(f"wrote {args.out / 'dcvit_vs_blockdrop.json'} and {plot_dir / 'dcvit_vs_blockdrop.png'}")
-    if curve:
+    if curve or starts:
         block_iterations = {method: per_block_iterations(summary.get("losses") or {})
                             for method, summary in runs.items()}
         curve_path = plot_dir / "dcvit_accuracy_vs_iterations.png"
         plot_curve(curve, payload["curve_original_accuracy"], block_iterations,
-                   f"DINOv2-S at {args.target:g} of the MACs, {args.num_images} unlabeled images", curve_path)
+                   f"DINOv2-S at {args.target:g} of the MACs, {args.num_images} unlabeled images", curve_path,
+                   starts)
         print(f"wrote {curve_path}")
 
 

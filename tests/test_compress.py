@@ -49,7 +49,10 @@ def _options(model_dir, image_folder, out, **changes) -> CompressOptions:
 
 
 def test_compress_script_hits_the_target_and_saves_a_loadable_model(tiny_model_dir, image_folder, tmp_path):
-    summary = run_compress(_options(tiny_model_dir, image_folder, tmp_path / "run", final_epochs=1))
+    # The published init: its blocks start far from the original, so fine-tuning must lower every block's error
+    # (the least-squares init starts near the optimum: tests/test_dcvit_refit.py).
+    summary = run_compress(_options(tiny_model_dir, image_folder, tmp_path / "run", final_epochs=1,
+                                    init="published"))
     assert len(summary["losses"]["final"]) == 3  # 12 images in batches of 4, every compressed block trainable
     assert "final" in summary["feature_mse"]
     model_dir = tmp_path / "run" / "model"

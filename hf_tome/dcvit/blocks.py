@@ -30,6 +30,8 @@ CONFIG_KEY = "block_compression"
 _ATTENTION_NORM = {vit.ViTLayer: "layernorm_before", deit.DeiTLayer: "layernorm_before", dinov2.Dinov2Layer: "norm1",
                    dinov2_reg.Dinov2WithRegistersLayer: "norm1"}
 SUPPORTED_BLOCK_FAMILIES = "ViT, DeiT and Dinov2 (Dinov2 with registers too)"
+# Layer class -> name of the per-channel scale applied to the MLP's output (absent: none).
+_MLP_OUTPUT_SCALE = {dinov2.Dinov2Layer: "layer_scale2", dinov2_reg.Dinov2WithRegistersLayer: "layer_scale2"}
 
 
 class RemovedAttention(nn.Module):
@@ -78,6 +80,14 @@ def _attention_norm_name(layer: nn.Module) -> str | None:
 def mlp_width(layer: nn.Module) -> int:
     """Hidden units of a block's MLP now (0 for a dropped block)."""
     return 0 if isinstance(layer.mlp, RemovedMLP) else layer.mlp.fc1.out_features
+
+
+def mlp_output_scale(layer: nn.Module) -> torch.Tensor | None:
+    """The per-channel factor a block applies to its MLP's output (Dinov2's layer scale), None when there is none."""
+    for layer_class, name in _MLP_OUTPUT_SCALE.items():
+        if isinstance(layer, layer_class):
+            return getattr(layer, name).lambda1.detach()
+    return None
 
 
 def has_attention(layer: nn.Module) -> bool:

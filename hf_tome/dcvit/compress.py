@@ -35,6 +35,7 @@ from hf_tome.dcvit.pool import AugmentedPool, build_pool, cache_teacher
 from hf_tome.dcvit.recipe import StepCosts, TrainingPlan, epochs_to_iterations, fit_to_budget, warmup_iterations
 from hf_tome.dcvit.trial import (
     STATE_MODEL,
+    TRIAL_REFIT_IMAGES,
     CompressionState,
     activation_importance,
     divergence_scorer,
@@ -151,7 +152,11 @@ def measure_costs(original: nn.Module, pool: AugmentedPool, kept_units: int, acc
     caches = (per_cache[options.train_scope] * (plan.num_blocks + (plan.final > 0))
               + per_cache[options.trial_scope] * plan.num_candidates)
     evaluations = (2 * plan.num_blocks + plan.num_candidates) * len(pool.pixels) / len(pool)  # MSE, trial scores
-    return StepCosts(step=step, trial_step=trial, fixed=pool_seconds * (caches + evaluations))
+    # A least-squares refit runs the student and the original up to the block: about one pass over its images.
+    refits = 0.0 if options.init != "least-squares" or options.method == "drop" else (
+        plan.num_blocks * len(pool.pixels) + plan.num_candidates * min(TRIAL_REFIT_IMAGES, len(pool.pixels))
+    ) / len(pool)
+    return StepCosts(step=step, trial_step=trial, fixed=pool_seconds * (caches + evaluations + refits))
 
 
 def _cache_dtype(options: CompressOptions) -> torch.dtype:
@@ -243,7 +248,7 @@ def run_compress(options: CompressOptions, clock: Callable[[], float] = time.per
         state = CompressionState(method=options.method, target=options.target)
         score, metric_losses = _metric_scorer(options, original, pixels, teacher, accelerator, state_dir)
         scores = trial_blocks(original, candidates, per_block, pool, None, accelerator, score, importance,
-                              batch_size=options.batch_size, lr=options.lr,
+                              batch_size=options.batch_size, lr=options.lr, init=options.init,
                               **_finetune_settings(options, training.trial, options.trial_scope))
         state.trial_scores = {str(block): value for block, value in scores.items()}
         state.order = sorted(scores, key=scores.get)[: plan.num_blocks]
@@ -253,14 +258,15 @@ def run_compress(options: CompressOptions, clock: Callable[[], float] = time.per
     student = _load_model(str(state_dir / STATE_MODEL)) if state.done else copy.deepcopy(original)
     block_hook, final_hook = _checkpoint_settings(state, on_checkpoint, final_checkpoints)
     student = progressive_compress(student.to(accelerator.device), state, pool, None, accelerator, state_dir,
-                                   importance, batch_size=options.batch_size, lr=options.lr, **block_hook,
+                                   importance, batch_size=options.batch_size, lr=options.lr, original=original,
+                                   init=options.init, **block_hook,
                                    **_finetune_settings(options, training.per_block, options.train_scope))
     student = final_finetune(student, state, pool, None, accelerator, state_dir, batch_size=options.batch_size,
                              lr=options.lr, **final_hook,
                              **_finetune_settings(options, training.final, options.train_scope))
     report = compute_report(student, image_size)
     full_gmacs = costs.full_macs / 1e9
-    details = {"method": options.method, "target": options.target, "base_model": model_name,
+    details = {"method": options.method, "init": options.init, "target": options.target, "base_model": model_name,
                "num_samples": len(pixels), "samples_source": samples_source, "gmacs": report.gmacs,
                "full_gmacs": full_gmacs, "image_size": list(image_size), "trial_scores": state.trial_scores}
     if options.eval_dataset:
@@ -268,7 +274,8 @@ def run_compress(options: CompressOptions, clock: Callable[[], float] = time.per
     record_compression(student, **details)
     summary = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
                "block_compression": getattr(student.config, CONFIG_KEY), "planned_gmacs": plan.planned_macs / 1e9,
-               "target_gmacs": plan.target_macs / 1e9, "feature_mse": state.feature_mse, "losses": state.losses,
+               "target_gmacs": plan.target_macs / 1e9, "feature_mse": state.feature_mse, "refit": state.refit,
+               "losses": state.losses,
                "metric_set_losses": metric_losses, "training_plan": asdict(training),
                "seconds": clock() - started}
     accelerator.wait_for_everyone()

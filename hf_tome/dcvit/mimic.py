@@ -173,6 +173,9 @@ def finetune_mimic(model: nn.Module, pixel_values: torch.Tensor | AugmentedPool,
         pool.teacher_tokens = teacher_tokens
     if iterations is None:
         iterations = epochs_to_iterations(1.0 if epochs is None else epochs, len(pool), batch_size)
+    if iterations <= 0:  # nothing to train (e.g. block trials scored right after the init): skip the caches too
+        model.eval()
+        return []
     num_layers = len(encoder_layers(model))
     first, last = trainable_range(compressed_blocks, num_layers, scope)
     trainable = set_trainable_blocks(model, last, first)

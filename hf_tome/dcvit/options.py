@@ -53,6 +53,7 @@ class CompressOptions:
     metric_images: int = 32
     metric_steps: int = 40
     importance: str = "activation"
+    init: str = "least-squares"
     mixed_precision: str | None = None
     seed: int = 0
     eval_dataset: str | None = None
@@ -118,6 +119,10 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="optimisation steps that generate the synthetic images")
     parser.add_argument("--importance", choices=["activation", "first"], default=defaults.importance,
                         help="which MLP units survive: most active x largest output weights, or simply the first")
+    parser.add_argument("--init", choices=["least-squares", "published"], default=defaults.init,
+                        help="a compressed block's MLP output layer: refit by least squares to the original block's "
+                        "output on the unlabeled images (ours, measured better), or the kept units' trained weights "
+                        "(the published rule)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
                         help="default: whatever `accelerate launch` / `accelerate config` says")
     parser.add_argument("--seed", type=int, default=defaults.seed,

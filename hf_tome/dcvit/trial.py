@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 from hf_tome.dcvit.blocks import compress_layer, encoder_layers, mlp_width, record_compression, unit_importance
 from hf_tome.dcvit.mimic import class_log_probs, feature_mse, finetune_mimic, prediction_divergence
 from hf_tome.dcvit.pool import AugmentedPool
+from hf_tome.dcvit.refit import INITS, RefitResult, refit_block
 
 STATE_FILE = "progress.json"
 STATE_MODEL = "model"
+TRIAL_REFIT_IMAGES = 128  # a block trial's least-squares refit: enough tokens (128 x tokens) for a ranking
 
 
 @torch.inference_mode()
@@ -64,6 +66,7 @@ class CompressionState:
     done: list[int] = field(default_factory=list)
     losses: dict[str, list[float]] = field(default_factory=dict)
     feature_mse: dict[str, float] = field(default_factory=dict)
+    refit: dict[str, dict[str, float]] = field(default_factory=dict)  # block -> error before/after (least squares)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -108,20 +111,46 @@ def trial_blocks(
     epochs: float | None = None,
     batch_size: int = 16,
     lr: float = 3e-5,
+    init: str = "published",
     **finetune: Any,
 ) -> dict[int, float]:
-    """Compress each candidate block alone, fine-tune briefly, and score it (lower: safer to compress).
+    """Compress each candidate block alone (``init`` as in :func:`compress_block`), fine-tune briefly, and score it
+    (lower: safer to compress).
 
     ``finetune`` goes to :func:`finetune_mimic` (``iterations``, ``scope``, ...); ``epochs`` as there."""
     scores = {}
+    eval_pixels, _ = _evaluation_pair(pixel_values, teacher_tokens)
     for block in tqdm(candidates, desc="block trial", disable=not accelerator.is_local_main_process):
         student = copy.deepcopy(original)
-        compress_layer(encoder_layers(student)[block], kept_units, importance[block] if importance else None)
+        compress_block(student, original, block, kept_units, eval_pixels[:TRIAL_REFIT_IMAGES], accelerator,
+                       importance, init)
         finetune_mimic(student, pixel_values, teacher_tokens, [block], accelerator, epochs=epochs,
                        batch_size=batch_size, lr=lr, description=f"trial block {block}", **finetune)
         scores[block] = score(student)
         del student
     return scores
+
+
+def compress_block(student: nn.Module, original: nn.Module, block: int, kept_units: int,
+                   pixel_values: torch.Tensor, accelerator: Accelerator, importance: list[torch.Tensor] | None = None,
+                   init: str = "published") -> RefitResult | None:
+    """Compress ``student``'s ``block`` to ``kept_units`` MLP units. ``init`` ``"published"`` keeps the kept units'
+    trained weights (the spec); ``"least-squares"`` then refits their output layer to ``original``'s block output on
+    ``pixel_values`` (:func:`~hf_tome.dcvit.refit.refit_block`; nothing to refit in a dropped block). Returns the
+    refit's errors, or None."""
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is invalid: expected one of {', '.join(INITS)}")
+    compress_layer(encoder_layers(student)[block], kept_units, importance[block] if importance else None)
+    if init == "published" or kept_units == 0:
+        return None
+    return refit_block(student, original, block, pixel_values, accelerator)
+
+
+def compression_order(order: list[int], init: str) -> list[int]:
+    """The blocks in the order they are compressed: the block trial's (the spec), or shallow to deep with the
+    least-squares init, so that every refit sees the inputs its block will have (measured: 79.9% against 78.5%
+    test accuracy before fine-tuning on the embedded DINOv2-S, README)."""
+    return sorted(order) if init == "least-squares" else list(order)
 
 
 def progressive_compress(
@@ -135,20 +164,28 @@ def progressive_compress(
     epochs: float | None = None,
     batch_size: int = 16,
     lr: float = 3e-5,
+    original: nn.Module | None = None,
+    init: str = "published",
     **finetune: Any,
 ) -> nn.Module:
-    """Compress ``state.order``'s blocks one at a time, fine-tuning after each; saves the state after each block.
+    """Compress ``state.order``'s blocks one at a time (in :func:`compression_order`; ``init`` and ``original`` as
+    in :func:`compress_block`), fine-tuning after each; saves the state after each block.
 
     Blocks already in ``state.done`` (a resumed run whose ``student`` was loaded from the state) are skipped. The
     ``"local"`` scope trains the new block (and the next one) only; ``"prefix"`` every block up to one past the
     deepest compressed one. ``finetune`` goes to :func:`finetune_mimic`.
     """
-    layers = encoder_layers(student)
     eval_pixels, eval_teacher = _evaluation_pair(pixel_values, teacher_tokens)
-    for block in state.order:
+    if init == "least-squares" and original is None:
+        raise ValueError("init='least-squares' needs the original model: pass original=")
+    for block in compression_order(state.order, init):
         if block in state.done:
             continue
-        compress_layer(layers[block], state.widths[str(block)], importance[block] if importance else None)
+        refit = compress_block(student, original, block, state.widths[str(block)], eval_pixels, accelerator,
+                               importance, init)
+        if refit is not None:
+            state.refit[str(block)] = {"mse_before": refit.mse_before, "mse_after": refit.mse_after,
+                                       "tokens": refit.tokens}
         record_compression(student, method=state.method, target=state.target)
         state.feature_mse[f"{block} before fine-tuning"] = feature_mse(student, eval_pixels, eval_teacher,
                                                                       accelerator=accelerator)
