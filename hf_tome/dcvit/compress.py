@@ -33,6 +33,7 @@ from hf_tome.dcvit.mimic import Checkpoint, feature_mse, finetune_mimic
 from hf_tome.dcvit.options import CompressOptions, add_compress_arguments
 from hf_tome.dcvit.pool import AugmentedPool, build_pool, cache_teacher
 from hf_tome.dcvit.recipe import StepCosts, TrainingPlan, epochs_to_iterations, fit_to_budget, warmup_iterations
+from hf_tome.dcvit.stages import has_head
 from hf_tome.dcvit.trial import (
     STATE_MODEL,
     TRIAL_REFIT_IMAGES,
@@ -151,7 +152,10 @@ def measure_costs(original: nn.Module, pool: AugmentedPool, kept_units: int, acc
     per_cache = {"prefix": 0.05, "local": 0.5}  # share of a teacher pass a frozen-prefix cache costs, roughly
     caches = (per_cache[options.train_scope] * (plan.num_blocks + (plan.final > 0))
               + per_cache[options.trial_scope] * plan.num_candidates)
-    evaluations = (2 * plan.num_blocks + plan.num_candidates) * len(pool.pixels) / len(pool)  # MSE, trial scores
+    # Feature MSE before and after every block on the images; a trial scores a classifier on the metric set
+    # (the images themselves for a bare backbone).
+    scored = options.metric_images if has_head(original) else len(pool.pixels)
+    evaluations = (2 * plan.num_blocks * len(pool.pixels) + plan.num_candidates * scored) / len(pool)
     # A least-squares refit runs the student and the original up to the block: about one pass over its images.
     refits = 0.0 if options.init != "least-squares" or options.method == "drop" else (
         plan.num_blocks * len(pool.pixels) + plan.num_candidates * min(TRIAL_REFIT_IMAGES, len(pool.pixels))
