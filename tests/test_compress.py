@@ -77,6 +77,7 @@ def test_compress_script_hits_the_target_and_saves_a_loadable_model(tiny_model_d
     torch.testing.assert_close(again(pixel_values=pixels).logits, loaded(pixel_values=pixels).logits)
     card = (model_dir / "README.md").read_text()
     assert "DC-ViT" in card and "12 unlabeled images" in card and "| removed |" in card
+    assert "refit by least squares" not in card  # the published init
 
 
 def test_resume_skips_finished_blocks(tiny_model_dir, image_folder, tmp_path, capsys):

@@ -101,6 +101,8 @@ def test_compress_with_the_least_squares_init_records_every_refit(tiny_model_dir
     progress = json.loads((tmp_path / "run" / "state" / "progress.json").read_text())
     assert progress["refit"] == refit
     assert progress["done"] == compressed  # shallow to deep
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "MLP output layer was refit by least squares to the original block's output" in card
 
 
 def test_finetuning_with_no_iterations_changes_nothing_and_caches_nothing(monkeypatch):

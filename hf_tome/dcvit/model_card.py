@@ -29,6 +29,10 @@ _METHODS = {
              "by the same feature-mimicking fine-tuning as DC-ViT."),
 }
 
+_LEAST_SQUARES_INIT = ("Before its fine-tuning, each compressed block's MLP output layer was refit by least squares to "
+                       "the original block's output on the same unlabeled images (hf-tome's addition to the published "
+                       "method, which keeps the kept units' trained weights).")
+
 
 def _measured_rows(measured: dict[str, Any]) -> str:
     if not measured:
@@ -54,6 +58,8 @@ def render_model_card(model: nn.Module, repo_id: str | None = None) -> ModelCard
         raise ValueError(f"model has no config.{CONFIG_KEY}: expected a model saved by hf-tome compress")
     method = section.get("method", "dc-vit")
     title, description = _METHODS.get(method, (method, ""))
+    if method == "dc-vit" and section.get("init") == "least-squares":
+        description += " " + _LEAST_SQUARES_INIT
     layers = compressed_layers_from_config(config)
     num_layers = config.num_hidden_layers
     rows = "\n".join(f"| {index} | {'removed' if index in layers else 'kept'} | "
