@@ -151,7 +151,7 @@ def measure_costs(original: nn.Module, pool: AugmentedPool, kept_units: int, acc
     trial = step if options.trial_scope == options.train_scope else step_seconds(options.trial_scope)
     per_cache = {"prefix": 0.05, "local": 0.5}  # share of a teacher pass a frozen-prefix cache costs, roughly
     caches = (per_cache[options.train_scope] * (plan.num_blocks + (plan.final > 0))
-              + per_cache[options.trial_scope] * plan.num_candidates)
+              + per_cache[options.trial_scope] * plan.num_candidates * (plan.trial > 0))  # no steps: no cache
     # Feature MSE before and after every block on the images; a trial scores a classifier on the metric set
     # (the images themselves for a bare backbone).
     scored = options.metric_images if has_head(original) else len(pool.pixels)
