@@ -64,6 +64,7 @@ class ImageClassificationAPI(ls.LitAPI):
         probe = self.processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
         # the same decision, on the same probe, as the HTTP process's Preparer: uint8 requests are normalised here
         self.normalization = split_normalization(self.processor)
+        self.channels = probe.shape[1]  # a grayscale request arrives as one channel (see hf_tome_server.geometry)
         # One plan per budget, built here and only here; predict hands them to the forward.
         self.budgets: dict[str, Budget] = parse_budgets(self.model, self.budget_specs, tuple(probe.shape[-2:]))
         # Patched once, with the default (first) budget as the model's own plan; requests never re-patch it.
@@ -88,7 +89,10 @@ class ImageClassificationAPI(ls.LitAPI):
             pixels = torch.frombuffer(bytearray(base64.b64decode(request["pixels"])), dtype=dtype)
             if request["budget"] not in self.budgets:
                 raise ValueError(f"unknown budget {request['budget']!r}")
-            return _Decoded(pixels.reshape(shape), request["budget"], int(request["top_k"]))
+            pixels = pixels.reshape(shape)
+            if dtype == torch.uint8 and shape[0] == 1 and self.channels != 1:
+                pixels = pixels.expand(self.channels, -1, -1)  # grayscale: equal to converting it to RGB
+            return _Decoded(pixels, request["budget"], int(request["top_k"]))
         except Exception as error:  # noqa: BLE001
             return _Decoded(None, "", 1, error=f"{type(error).__name__}: {sanitize(error, 120)}")
 

@@ -75,8 +75,11 @@ def _scaled(image: Image.Image) -> np.ndarray:
     return values
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Open, check, fully decode and convert ``data`` to 8-bit RGB; every failure is a :class:`RequestError`."""
+def decode_image(data: bytes, max_pixels: int, keep_grayscale: bool = False) -> Image.Image:
+    """Open, check, fully decode and convert ``data`` to 8-bit RGB; every failure is a :class:`RequestError`.
+
+    With ``keep_grayscale``, a one-channel image (``L``, or a high bit depth scaled to ``L``) stays ``L``.
+    """
     if not data:
         raise RequestError(400, "empty_image", "the image is empty (0 bytes)")
     try:
@@ -98,7 +101,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                                                    f"{_error_text(error)}") from None
     _check_size(image, max_pixels)  # some formats only know their final size once loaded
     try:
-        return to_8bit(image).convert("RGB")
+        image = to_8bit(image)
+        return image if keep_grayscale and image.mode == "L" else image.convert("RGB")
     except MemoryError as error:
         raise RequestError(413, "image_too_large", f"the image is too large to convert: {_error_text(error)}") from None
     except Exception as error:  # noqa: BLE001

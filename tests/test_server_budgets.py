@@ -289,7 +289,7 @@ def test_the_catch_all_answers_json_counts_and_logs_without_paths(caplog) -> Non
 def test_a_preparer_bug_is_a_counted_500_not_an_escape(monkeypatch) -> None:
     import hf_tome_server.pool as pool
 
-    monkeypatch.setattr(pool, "decode_image", lambda data, max_pixels: {}["no such key"])
+    monkeypatch.setattr(pool, "decode_image", lambda data, max_pixels, **_: {}["no such key"])
     metrics = ServerMetrics()
     answer = _json_answer(*_run(call(make_guard(metrics), as_json(_png(0)))))
     assert (answer["status"], answer["error"]) == (500, "internal_error")
