@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import hf_tome
+from hf_tome.core.allocator import keep_freed_memory
 from hf_tome.evaluation.reporting import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="default: the embedded default model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                        help="leave glibc malloc's thresholds alone (hf_tome.core.allocator; the server's default is "
+                             "to set them, as here)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--images", type=int, default=48, help="images timed per batch size (at least 3 runs)")
     parser.add_argument("--budget", dest="budgets", action="append", default=None,
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     if args.model is None:
         from hf_tome.evaluation.assets.default_model import default_model_path
 
@@ -107,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {row['dtype']} | {row['budget']} | " + " | ".join(f"{v:.2f}" for v in row["images_per_s"].values())
               + f" | {row['largest_over_batch1']:.2f}x |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads(), "device": rows[0]["device"],
-                                    "machine": machine_info()}, indent=1))
+    args.out.write_text(json.dumps({"rows": rows, "keep_freed_memory": kept, "threads": torch.get_num_threads(),
+                                    "device": rows[0]["device"], "machine": machine_info()}, indent=1))
     print(f"wrote {args.out}")
 
 

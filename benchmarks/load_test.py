@@ -5,7 +5,8 @@ Starts the real server in a subprocess on 127.0.0.1 (its own process group, ende
 count and a time limit:
 
 - batching off (max_batch_size 1), the first budget (``--no-batching-off`` skips it)
-- batching on (``--max-batch-size``), each budget in turn (default ``full=r:0`` and ``half=macs:0.5``)
+- batching on (``--max-batch-size``), each budget in turn (default ``full=r:0`` and ``half=macs:0.5``); with
+  ``--rounds N`` the budgets alternate N times (full, half, full, half...) and each budget's rounds are pooled
 
 Each request is one image, so images/s = requests/s. The same budgets' bare forward images/s at the batch size
 the server ran (benchmarks/batch_efficiency.py, in a process of its own with the same device, dtype and threads,
@@ -15,6 +16,7 @@ budget at ``>= 1.8x`` the full one's requests/s. Everything is written to ``--ou
 
     python benchmarks/load_test.py                           # embedded default model, 64 clients
     python benchmarks/load_test.py --requests 128 --clients 16 --model path/to/model
+    python benchmarks/load_test.py --threads 2 --dtype auto --requests 480 --rounds 3   # the README's table
     python benchmarks/load_test.py --device cuda --dtype bfloat16 --max-batch-size 64
 """
 
@@ -158,11 +160,30 @@ def run_phase(url: str, payloads: list[dict], budget: str, clients: int, total_r
         list(pool.map(client, range(clients)))
     wall = time.perf_counter() - start
     progress.close()
-    ordered = sorted(latencies)
     return {"requests": len(latencies), "failures": dict(failures), "seconds": wall,
-            "requests_per_s": len(latencies) / wall,
-            "p50_ms": 1000 * statistics.median(ordered) if ordered else None,
+            "requests_per_s": len(latencies) / wall, **_quantiles(latencies), "latencies": latencies}
+
+
+def _quantiles(latencies: list[float]) -> dict:
+    ordered = sorted(latencies)
+    return {"p50_ms": 1000 * statistics.median(ordered) if ordered else None,
             "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None}
+
+
+def pooled(rows: list[dict], name: str) -> dict:
+    """One budget's rounds as one phase: all its requests over all its seconds, quantiles of all latencies."""
+    requests_done, seconds = sum(row["requests"] for row in rows), sum(row["seconds"] for row in rows)
+    batches = [(row["mean_batch_size"], row["requests"]) for row in rows if row["mean_batch_size"]]
+    failures: Counter[str] = Counter()
+    for row in rows:
+        failures.update(row["failures"])
+    return {"requests": requests_done, "failures": dict(failures), "seconds": seconds,
+            "requests_per_s": requests_done / seconds, "images_per_s": requests_done / seconds,
+            **_quantiles([latency for row in rows for latency in row["latencies"]]), "budget": name,
+            "max_batch_size": rows[0]["max_batch_size"], "rounds": len(rows),
+            "requests_per_s_per_round": [row["requests_per_s"] for row in rows],
+            "mean_batch_size": sum(size * count for size, count in batches) / sum(count for _, count in batches)
+            if batches else None}
 
 
 def bare_forward(args: argparse.Namespace, budgets: list[str], out: Path) -> dict[str, float]:
@@ -173,6 +194,7 @@ def bare_forward(args: argparse.Namespace, budgets: list[str], out: Path) -> dic
     command += [f"--budget={spec}" for spec in budgets]
     command += ["--model", args.model] if args.model else []
     command += ["--threads", str(args.threads)] if args.threads else []
+    command += [] if args.keep_freed_memory else ["--no-keep-freed-memory"]
     subprocess.run(command, cwd=ROOT, check=True)
     rows = json.loads(out.read_text())["rows"]
     return {row["budget"]: row["images_per_s"][str(args.max_batch_size)] for row in rows}
@@ -191,12 +213,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server and the bare forward")
     parser.add_argument("--compile", action="store_true", help="serve with torch.compile (slow to start)")
+    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                        help="the server and the bare forward leave glibc malloc's thresholds alone")
     parser.add_argument("--serve-arg", dest="serve_args", action="append", default=[],
                         help="an option handed to the server as is, repeatable (--serve-arg=--fast-queue)")
     parser.add_argument("--no-batching-off", dest="batching_off", action="store_false",
                         help="skip the max_batch_size 1 phase")
     parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare forward comparison")
     parser.add_argument("--bare-images", type=int, default=320, help="images timed by the bare forward per budget")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="batched phases per budget, alternating budgets (full, half, full, half...), pooled: "
+                             "the machine's drift during a run then weighs on every budget alike")
     parser.add_argument("--warm-up", type=int, default=16, help="requests sent before each phase's timing")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/load_test.json")
     args = parser.parse_args(argv)
@@ -206,12 +233,16 @@ def main(argv: list[str] | None = None) -> None:
     options = ["--device", args.device, "--dtype", args.dtype, *[f"--budget={spec}" for spec in budgets]]
     options += ["--threads", str(args.threads)] if args.threads else []
     options += ["--compile"] if args.compile else []
+    options += [] if args.keep_freed_memory else ["--no-keep-freed-memory"]
     options += args.serve_args
     # The bare forward is timed before the server phases and again after them: on a shared (virtual) machine its
     # images/s drifts by +-10% within minutes, so the share uses the mean of the two and both are kept.
     bare_runs = [bare_forward(args, budgets, args.out.with_suffix(".bare.json"))] if args.bare else []
     payloads = request_payloads()
-    phases = [(f"batching on, {name}", args.max_batch_size, name) for name in names]
+    if args.rounds < 1:
+        parser.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
+    phases = [(f"batching on, {name}" + (f", round {k + 1}" if args.rounds > 1 else ""), args.max_batch_size, name)
+              for k in range(args.rounds) for name in names]
     if args.batching_off:
         phases.insert(0, (f"batching off, {names[0]}", 1, names[0]))
     results: dict[str, dict] = {}
@@ -237,14 +268,18 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for running in servers.values():
             running.stop()
+    if args.rounds > 1:
+        for name in names:
+            rows = [row for row in results.values() if row["budget"] == name and row["max_batch_size"] > 1]
+            results[f"batching on, {name}, {args.rounds} rounds pooled"] = pooled(rows, name) | {"pooled": True}
     if args.bare:
         bare_runs.append(bare_forward(args, budgets, args.out.with_suffix(".bare_after.json")))
         for row in results.values():
-            if row["max_batch_size"] == args.max_batch_size and row["budget"] in bare_runs[0]:
+            if row["max_batch_size"] == args.max_batch_size and row["budget"] in bare_runs[0]:  # every round
                 runs = [run[row["budget"]] for run in bare_runs]
                 row |= {"bare_images_per_s": statistics.mean(runs), "bare_images_per_s_runs": runs,
                         "server_over_bare": row["images_per_s"] / statistics.mean(runs)}
-    summary = _summary(results, names, args.max_batch_size)
+    summary = _summary(results, names, args.max_batch_size, args.rounds)
     print(f"\n{args.clients} concurrent clients on 127.0.0.1; server: {info.get('model', {})}")
     print("| phase | requests | req/s = img/s | p50 ms | p99 ms | mean batch | bare img/s | server / bare |")
     print("|---|---|---|---|---|---|---|---|")
@@ -254,8 +289,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {phase} | {row['requests']} | {row['requests_per_s']:.2f} | {_ms(row['p50_ms'])} | "
               f"{_ms(row['p99_ms'])} | {row['mean_batch_size'] or 0:.1f} | {bare_text} |")
     print("\n" + json.dumps(summary, indent=1))
-    args.out.write_text(json.dumps({"clients": args.clients, "budgets": budgets, "device": args.device,
-                                    "serve_args": args.serve_args,
+    for row in results.values():
+        row.pop("latencies", None)
+    args.out.write_text(json.dumps({"clients": args.clients, "rounds": args.rounds,
+                                    "keep_freed_memory": args.keep_freed_memory, "budgets": budgets,
+                                    "device": args.device, "serve_args": args.serve_args,
                                     "dtype": args.dtype, "threads": args.threads, "server_info": info,
                                     "phases": results, "summary": summary}, indent=2))
     print(f"wrote {args.out}")
@@ -273,8 +311,9 @@ def _mean_batch(before: dict, after: dict) -> float | None:
     return sum(int(size) * count for size, count in counts.items()) / served if served else None
 
 
-def _summary(results: dict, names: list[str], max_batch_size: int) -> dict:
-    batched = {row["budget"]: row for row in results.values() if row["max_batch_size"] == max_batch_size}
+def _summary(results: dict, names: list[str], max_batch_size: int, rounds: int = 1) -> dict:
+    batched = {row["budget"]: row for row in results.values()
+               if row["max_batch_size"] == max_batch_size and (rounds == 1 or row.get("pooled"))}
     summary: dict = {"requests_per_s": {name: row["requests_per_s"] for name, row in batched.items()}}
     off = [row for row in results.values() if row["max_batch_size"] == 1]
     if off and names[0] in batched:
@@ -282,6 +321,10 @@ def _summary(results: dict, names: list[str], max_batch_size: int) -> dict:
     if "half" in batched and "full" in batched:
         summary["half_over_full"] = batched["half"]["requests_per_s"] / batched["full"]["requests_per_s"]
         summary["half_over_full_at_least_1.8"] = summary["half_over_full"] >= 1.8
+        if rounds > 1:
+            summary["half_over_full_per_round"] = [
+                half / full for half, full in zip(batched["half"]["requests_per_s_per_round"],
+                                                  batched["full"]["requests_per_s_per_round"], strict=True)]
     shares = {name: row["server_over_bare"] for name, row in batched.items() if "server_over_bare" in row}
     if shares:
         summary["server_over_bare"] = shares

@@ -45,10 +45,10 @@ class ImageClassificationAPI(ls.LitAPI):
 
     def __init__(self, model: str, budget_specs: list[str], dtype: str = "float32", max_batch_size: int = 16,
                  batch_timeout: float = 0.01, api_path: str = "/predict", threads: int | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, keep_freed_memory: bool = True) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path)
         self.model_name, self.budget_specs, self.dtype_name, self.threads = model, list(budget_specs), dtype, threads
-        self.compile = compile
+        self.compile, self.keep_freed_memory = compile, keep_freed_memory
 
     def setup(self, device: str) -> None:
         from transformers import AutoImageProcessor
@@ -57,6 +57,10 @@ class ImageClassificationAPI(ls.LitAPI):
 
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.keep_freed_memory:  # this process only runs forwards: no page faults for their activations
+            from hf_tome.core.allocator import keep_freed_memory
+
+            keep_freed_memory()
         self.device = torch.device(device)
         self.dtype = resolve_dtype(self.dtype_name, self.device)
         self.model = hf_tome.AutoModelForImageClassification.from_pretrained(self.model_name).eval()
