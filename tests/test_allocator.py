@@ -38,7 +38,8 @@ glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or "libc.so.6" !
 
 
 def _faults(mode: str) -> tuple[str, float]:
-    result = subprocess.run([sys.executable, "-c", FAULTS_PER_FORWARD, mode], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", FAULTS_PER_FORWARD, mode], capture_output=True, text=True,
+                            check=True)
     applied, faults = result.stdout.split()
     return applied, float(faults)
 

@@ -49,7 +49,8 @@ def test_the_fast_geometry_equals_the_processor_bit_for_bit(name: str) -> None:
         gray = _noise("L", width, height, seed)
         one_channel = geometry(gray)
         assert one_channel.shape == (1, *expected.shape[1:])
-        assert np.array_equal(np.broadcast_to(one_channel, expected.shape), _processor_uint8(processor, gray.convert("RGB")))
+        as_rgb = _processor_uint8(processor, gray.convert("RGB"))
+        assert np.array_equal(np.broadcast_to(one_channel, expected.shape), as_rgb)
 
 
 def test_the_settings_are_read_from_the_processor() -> None:
