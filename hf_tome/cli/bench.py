@@ -136,6 +136,7 @@ class BenchOptions:
     dtype: str = "auto"
     out_dir: Path = Path("results/bench")
     saliency: bool = True
+    keep_freed_memory: bool = True  # hf_tome.core.allocator: the sweep's forwards stop page-faulting
 
 
 def _saliency_section(image_processor, r_values: list[int], out_dir: Path) -> dict:
@@ -159,8 +160,10 @@ def run_bench_job(options: BenchOptions) -> dict:
     """Run the main job end to end, print the table and write JSON and plots; returns the JSON payload."""
     from transformers import AutoImageProcessor
 
+    from hf_tome.core.allocator import keep_freed_memory
     from hf_tome.integration.loading import AutoModelForImageClassification
 
+    kept_freed_memory = keep_freed_memory() if options.keep_freed_memory else False
     if options.model is None:
         from hf_tome.evaluation.assets.default_model import default_model_path
 
@@ -194,7 +197,8 @@ def run_bench_job(options: BenchOptions) -> dict:
     plot_tradeoff(rows, out_dir / "tradeoff.png", title)
     largest_r = max(row.r for row in rows)
     payload: dict = {"title": title, "model": model_name, "dataset": options.dataset, "split": options.split,
-                     "num_images": len(dataset), "dtype": str(dtype), "machine": machine_info(),
+                     "num_images": len(dataset), "dtype": str(dtype), "keep_freed_memory": kept_freed_memory,
+                     "machine": machine_info(),
                      "rows": [vars(row) for row in rows]}
     if largest_r > 0 and getattr(model.config, "patch_size", None):
         payload["merge_visualisation"] = {"r": largest_r, "photos": save_merge_visualisation(
