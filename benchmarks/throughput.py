@@ -23,6 +23,7 @@ import transformers as T
 from tqdm import tqdm
 
 import hf_tome
+from hf_tome.core.allocator import keep_freed_memory
 
 # name -> ToMeConfig keyword arguments; None is the unpatched model.
 VIT_SETTINGS: dict[str, dict | None] = {
@@ -117,13 +118,17 @@ def main() -> None:
                         help="also time these families (names from benchmarks/families_*.py; 'all' for every one)")
     parser.add_argument("--family-batch", type=int, default=4, help="batch size for the other families")
     parser.add_argument("--skip-vit", action="store_true", help="only the --families rows")
-    parser.add_argument("--out", type=Path, default=Path("results/throughput.json"))
+    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                        help="leave glibc malloc's thresholds alone (hf_tome.core.allocator)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept_freed_memory = keep_freed_memory() if args.keep_freed_memory else False
     torch.manual_seed(0)
     report: dict = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
                     "torch": torch.__version__, "transformers": T.__version__},
+        "keep_freed_memory": kept_freed_memory,
     }
     if not args.skip_vit:
         inputs = torch.randn(args.batch, 3, args.image_size, args.image_size)
