@@ -120,8 +120,11 @@ def main() -> None:
     parser.add_argument("--skip-vit", action="store_true", help="only the --families rows")
     parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                         help="leave glibc malloc's thresholds alone (hf_tome.core.allocator)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default: benchmarks/results/throughput.json, "
+                        "or throughput_families.json with --skip-vit)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path("benchmarks/results") / ("throughput_families.json" if args.skip_vit else "throughput.json")
     torch.set_num_threads(args.threads)
     kept_freed_memory = keep_freed_memory() if args.keep_freed_memory else False
     torch.manual_seed(0)
