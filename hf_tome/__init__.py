@@ -20,6 +20,7 @@ from hf_tome.integration import registry as _registry
 
 if TYPE_CHECKING:
     from hf_tome.config import ToMeConfig
+    from hf_tome.core.allocator import keep_freed_memory
     from hf_tome.core.ops import unmerge
     from hf_tome.core.plan import ReductionPlan
     from hf_tome.integration.encoder import TokenMergeOutput
@@ -51,6 +52,7 @@ __all__ = [
     "build_plan",
     "compute_report",
     "is_patched",
+    "keep_freed_memory",
     "remove",
     "supported_class_names",
     "unmerge",
@@ -72,6 +74,7 @@ _ORIGINS = {
     "build_plan": "integration.patch",
     "compute_report": "integration.flops",
     "is_patched": "integration.patch",
+    "keep_freed_memory": "core.allocator",
     "remove": "integration.patch",
     "supported_class_names": "integration.registry",
     "unmerge": "core.ops",

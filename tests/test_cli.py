@@ -220,7 +220,7 @@ def test_public_names_load_on_first_use():
     import hf_tome.integration.loading
     import hf_tome.integration.patch
 
-    assert hf_tome.__all__ == sorted(hf_tome.__all__) and len(hf_tome.__all__) == 17
+    assert hf_tome.__all__ == sorted(hf_tome.__all__) and len(hf_tome.__all__) == 18
     assert set(hf_tome.__all__) == set(hf_tome._ORIGINS) and set(hf_tome.__all__) <= set(dir(hf_tome))
     assert hf_tome.apply is hf_tome.integration.patch.apply
     assert hf_tome.AutoModelForImageClassification is hf_tome.integration.loading.AutoModelForImageClassification
