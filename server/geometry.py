@@ -26,8 +26,8 @@ from transformers.image_utils import ChannelDimension
 
 # Processor switches whose steps Geometry does not run: any of them on means the processor runs itself.
 _UNSUPPORTED_STEPS = ("do_pad", "do_reduce_labels", "do_flip_channel_order")
-# Probe sizes (width, height): smaller and larger than any crop, landscape and portrait, odd and even.
 _SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
+# Probe sizes (width, height): smaller and larger than any crop, landscape and portrait, odd and even.
 _PROBE_SIZES = ((37, 53), (53, 37), (28, 28), (301, 240), (240, 301))
 
 
