@@ -4,7 +4,7 @@ glibc's malloc hands large blocks (above a threshold that starts at 128 KiB and 
 the kernel with ``mmap`` and gives them back on ``free``, and it trims the top of the heap back to the kernel as
 soon as 128 KiB+ are free there. A PyTorch forward pass on the CPU allocates and frees every activation, so each
 pass touches fresh pages: the embedded DINOv2-S at batch 16 took about 80,000 page faults per forward, and a
-forward without them ran 22 to 23% more images/s (full and half budgets, bf16, 2 cores; ``python
+forward without them ran 21 to 25% more images/s (full and half budgets, bf16, 2 cores; ``python
 benchmarks/batch_efficiency.py --threads 2`` with and without ``--no-keep-freed-memory``).
 
 :func:`keep_freed_memory` raises both thresholds with ``mallopt``: blocks up to 32 MiB come from the heap, and the
