@@ -57,7 +57,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: torch's choice)")
     parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                         help="leave glibc malloc's thresholds alone in the inference worker (by default it keeps freed "
-                             "memory for the next forward instead of faulting fresh pages in again; its peak memory stays held)")
+                             "memory for the next forward instead of faulting fresh pages in again; its peak memory "
+                             "stays held)")
     parser.add_argument("--max-body-bytes", type=int, default=SERVE_MAX_BODY_BYTES,
                         help="larger request bodies are answered 413")
     parser.add_argument("--max-pixels", type=int, default=SERVE_MAX_PIXELS,
