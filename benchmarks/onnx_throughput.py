@@ -26,6 +26,7 @@ import transformers
 from tqdm import tqdm
 
 import hf_tome
+from hf_tome.core.allocator import keep_freed_memory
 from hf_tome.evaluation.assets.default_model import default_model_path
 from hf_tome.export.onnx import export_onnx
 from hf_tome.export.options import DEFAULT_OPSET
@@ -113,6 +114,9 @@ def main() -> None:
     parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (20 has a fused GELU)")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 2, 1 round")
+    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                        help="leave glibc malloc's thresholds alone (hf_tome.core.allocator): PyTorch's forwards then "
+                             "fault in fresh pages, while onnxruntime keeps its own memory arena either way")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"JSON file (default: {RESULTS}; with --quick, one in the temp folder)")
     args = parser.parse_args()
@@ -120,6 +124,7 @@ def main() -> None:
         args.batch, args.rounds = 2, 1
     out = args.out or (Path(tempfile.gettempdir()) / "onnx_throughput_quick.json" if args.quick else RESULTS)
     model_path = args.model or default_model_path()
+    kept_freed_memory = keep_freed_memory() if args.keep_freed_memory else False
     with tempfile.TemporaryDirectory() as workdir:
         rows = measure(model_path, args.r, args.batch, args.rounds, args.threads, args.exporter, args.opset,
                        Path(workdir))
@@ -137,6 +142,7 @@ def main() -> None:
               f"{TARGET_SPEEDUP}x: {verdict}), {by_r[14]['onnx_vs_pytorch']:.2f}x PyTorch at r=14")
     report = {"title": title, "model": str(model_path), "batch": args.batch, "rounds": args.rounds,
               "quick": args.quick, "exporter": args.exporter, "opset": args.opset,
+              "keep_freed_memory": kept_freed_memory,
               "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
                           "torch": torch.__version__, "transformers": transformers.__version__,
                           "onnxruntime": onnxruntime.__version__},
