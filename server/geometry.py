@@ -16,6 +16,7 @@ gives exactly the RGB conversion's). Any other processor runs the processor itse
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,4 +132,4 @@ def fast_geometry(processor: Any) -> Geometry | None:
                 break
     except Exception:  # noqa: BLE001  settings of another shape than the standard processors': the processor runs
         return None
-    return Geometry(geometry.height_width, geometry.shortest_edge, geometry.resample, geometry.crop, grayscale)
+    return dataclasses.replace(geometry, grayscale=grayscale)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .decode import decode_image
 from .errors import RequestError, sanitize
-from .geometry import fast_geometry
+from .geometry import Geometry, fast_geometry
 from .options import SERVE_DECODE_QUEUE, SERVE_DECODE_WORKERS
 from .parse import Limits, parse_body, validate
 from .pixels import split_normalization
@@ -48,8 +48,9 @@ class Preparer:
 
     def __call__(self, body: bytes, content_type: str) -> dict:
         fields = validate(parse_body(body, content_type), self.budgets, self.limits)
-        fast = self.geometry is not None and self.normalization is not None
-        image = decode_image(fields.image, self.limits.max_pixels, keep_grayscale=fast and self.geometry.grayscale)
+        geometry = self.fast_geometry
+        image = decode_image(fields.image, self.limits.max_pixels,
+                             keep_grayscale=geometry is not None and geometry.grayscale)
         pixels = self.pixel_values(image)
         return {"pixels": base64.b64encode(pixels.tobytes()).decode("ascii"), "shape": list(pixels.shape),
                 "dtype": str(pixels.dtype), "budget": fields.budget, "top_k": fields.top_k}
@@ -60,13 +61,18 @@ class Preparer:
         pixels = payload.pop("pixels")  # base64 needs no JSON escaping: spliced in, not scanned by json.dumps
         return payload["budget"], b'{"pixels": "' + pixels.encode("ascii") + b'", ' + json.dumps(payload)[1:].encode()
 
+    @property
+    def fast_geometry(self) -> Geometry | None:
+        """The processor's resize and crop without its round trips, if exact here (only for uint8 requests)."""
+        return self.geometry if self.normalization is not None else None
+
     def pixel_values(self, image: Any) -> Any:
         """One image as a C-contiguous (C, H, W) numpy array: the processor's float32 ``pixel_values``, or its
         uint8 geometric output when the worker normalises (``self.normalization``); one channel for a grayscale
         image when ``self.geometry`` may send it so (the worker repeats it)."""
         try:
-            if self.geometry is not None and self.normalization is not None:
-                return self.geometry(image)
+            if self.fast_geometry is not None:
+                return self.fast_geometry(image)
             if self.normalization is not None:
                 batch = self.processor(images=image, return_tensors="np", input_data_format="channels_last",
                                        do_rescale=False, do_normalize=False)
