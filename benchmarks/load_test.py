@@ -211,7 +211,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="name=spec, repeatable (default: full=r:0 half=macs:0.5); the first is the reference")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the server and the bare forward")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the bare forward, and of the server's workers together")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="the server's inference worker processes; each runs --threads / --workers torch threads "
+                             "(the bare forward runs --threads in one process)")
     parser.add_argument("--compile", action="store_true", help="serve with torch.compile (slow to start)")
     parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                         help="the server and the bare forward leave glibc malloc's thresholds alone")
@@ -231,7 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     budgets = args.budgets or ["full=r:0", "half=macs:0.5"]
     names = [spec.partition("=")[0] for spec in budgets]
     options = ["--device", args.device, "--dtype", args.dtype, *[f"--budget={spec}" for spec in budgets]]
-    options += ["--threads", str(args.threads)] if args.threads else []
+    if args.workers < 1 or (args.threads and args.threads % args.workers):
+        parser.error(f"--workers={args.workers} is invalid: expected an integer >= 1 that divides --threads")
+    options += ["--workers", str(args.workers)]
+    options += ["--threads", str(args.threads // args.workers)] if args.threads else []
     options += ["--compile"] if args.compile else []
     options += [] if args.keep_freed_memory else ["--no-keep-freed-memory"]
     options += args.serve_args
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         row.pop("latencies", None)
     args.out.write_text(json.dumps({"clients": args.clients, "rounds": args.rounds,
                                     "keep_freed_memory": args.keep_freed_memory, "budgets": budgets,
-                                    "device": args.device, "serve_args": args.serve_args,
+                                    "device": args.device, "serve_args": args.serve_args, "workers": args.workers,
                                     "dtype": args.dtype, "threads": args.threads, "server_info": info,
                                     "phases": results, "summary": summary}, indent=2))
     print(f"wrote {args.out}")

@@ -95,7 +95,9 @@ class ImageClassificationAPI(ls.LitAPI):
                 raise ValueError(f"unknown budget {request['budget']!r}")
             pixels = pixels.reshape(shape)
             if dtype == torch.uint8 and shape[0] == 1 and self.channels != 1:
-                pixels = pixels.expand(self.channels, -1, -1)  # grayscale: equal to converting it to RGB
+                pass  # grayscale: kept as one channel until normalised (see _pixel_batch), equal to RGB then
+            elif shape[0] != self.channels:
+                raise ValueError(f"{shape[0]} channels, expected {self.channels}")
             return _Decoded(pixels, request["budget"], int(request["top_k"]))
         except Exception as error:  # noqa: BLE001
             return _Decoded(None, "", 1, error=f"{type(error).__name__}: {sanitize(error, 120)}")
@@ -112,16 +114,14 @@ class ImageClassificationAPI(ls.LitAPI):
         outputs: list[dict | _Decoded] = list(batch)
         groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         for index, item in enumerate(batch):
-            if item.error is None:  # one forward per budget (and per input shape, for processors that vary it)
-                key = (item.budget, tuple(item.pixels.shape), item.pixels.dtype)
+            if item.error is None:  # one forward per budget (and per input size, for processors that vary it)
+                key = (item.budget, tuple(item.pixels.shape[1:]), item.pixels.dtype)
                 groups.setdefault(key, []).append(index)
-        for (budget_name, _, pixel_dtype), indices in groups.items():
+        for (budget_name, _, pixel_dtype), group in groups.items():
             budget = self.budgets[budget_name]
-            pixels = torch.stack([batch[i].pixels for i in indices]).to(self.device)
             start = time.perf_counter()
             with torch.inference_mode():
-                if pixel_dtype == torch.uint8:  # rescale + normalise the whole batch (on the device: 1/4 the copy)
-                    pixels = self.normalization.apply(pixels)
+                pixels, indices = self._pixel_batch(batch, group, pixel_dtype)
                 logits = self.forward(pixel_values=pixels.to(self.dtype), tome_plan=budget.plan).logits
                 probabilities = logits.float().softmax(-1).cpu()  # on a GPU, waits for the forward to end
             forward_ms = 1000 * (time.perf_counter() - start)
@@ -136,6 +136,25 @@ class ImageClassificationAPI(ls.LitAPI):
                     "forward_ms": round(forward_ms, 2),
                 }
         return outputs
+
+    def _pixel_batch(self, batch: list[_Decoded], group: list[int],
+                     pixel_dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+        """The group's pixels as one (B, C, H, W) batch on the device, and the requests its rows belong to.
+
+        uint8 pixels are rescaled and normalised here for the whole batch (on the device: a quarter of the copy).
+        Grayscale requests (one channel) are normalised before they are repeated: ``(x - mean) / std`` broadcasts
+        the one channel against the per-channel mean and std, the same arithmetic per element as on an RGB copy, with
+        a third of the reads (the float32 output is written once either way).
+        """
+        if pixel_dtype != torch.uint8:
+            return torch.stack([batch[i].pixels for i in group]).to(self.device), group
+        parts, indices = [], []
+        for channels in sorted({batch[i].pixels.shape[0] for i in group}):
+            members = [i for i in group if batch[i].pixels.shape[0] == channels]
+            values = self.normalization.apply(torch.stack([batch[i].pixels for i in members]).to(self.device))
+            parts.append(values.expand(-1, self.channels, -1, -1))  # no-op unless nothing normalised it
+            indices += members
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), indices
 
     # No annotations here: LitServe turns them into the FastAPI route's types, and a Union with a Response fails.
     def encode_response(self, output):  # noqa: ANN001, ANN201

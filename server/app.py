@@ -52,6 +52,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int | None = None
+    workers: int = 1
     keep_freed_memory: bool = True
     limits: Limits = field(default_factory=Limits)
     timeout: float = 120.0
@@ -114,9 +115,11 @@ def build_server(options: ServerOptions) -> ls.LitServer:
                             "decode_workers": options.decode_workers, "decode_queue": options.decode_queue,
                             "decode_pool": options.decode_pool, "read_timeout": options.read_timeout})
     metadata = {"model": model_display_name(options.model), "budgets": options.budgets, "device": device,
-                "dtype": options.dtype, "compile": options.compile, "keep_freed_memory": options.keep_freed_memory}
+                "dtype": options.dtype, "compile": options.compile, "keep_freed_memory": options.keep_freed_memory,
+                "workers": options.workers, "threads_per_worker": options.threads}
     server = ls.LitServer(api, accelerator=device, timeout=options.timeout, middlewares=[guard],
-                          model_metadata=metadata, fast_queue=options.fast_queue)
+                          model_metadata=metadata, fast_queue=options.fast_queue,
+                          workers_per_device=options.workers)
 
     async def metrics_endpoint() -> dict:
         return metrics.snapshot() | {"max_batch_size": options.max_batch_size,
@@ -147,7 +150,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(model=args.model, budgets=args.budgets or list(DEFAULT_BUDGET_SPECS),
                          max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, dtype=args.dtype,
                          device=args.device, compile=args.compile, fast_queue=args.fast_queue, host=args.host,
-                         port=args.port, threads=args.threads, keep_freed_memory=args.keep_freed_memory,
+                         port=args.port, threads=args.threads, workers=args.workers,
+                         keep_freed_memory=args.keep_freed_memory,
                          limits=Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels),
                          decode_workers=args.decode_workers, decode_queue=args.decode_queue,
                          decode_pool=args.decode_pool, read_timeout=args.read_timeout,

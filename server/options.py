@@ -53,8 +53,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LitServe's ZeroMQ transport for the worker's answers, instead of its manager queues")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the inference worker "
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each inference worker "
                         "(default: torch's choice)")
+    parser.add_argument("--workers", type=_at_least(1), default=1,
+                        help="inference worker processes (LitServe's workers_per_device), each with its own copy of "
+                             "the model; on a CPU, one worker per core with --threads 1 keeps every core busy while "
+                             "the HTTP process takes its share (two threads of one forward wait for each other "
+                             "whenever another process runs)")
     parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                         help="leave glibc malloc's thresholds alone in the inference worker (by default it keeps freed "
                              "memory for the next forward instead of faulting fresh pages in again; its peak memory "

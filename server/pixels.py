@@ -30,9 +30,10 @@ class Normalization:
 
     def apply(self, pixels: torch.Tensor) -> torch.Tensor:
         """float32 pixel values, computed as transformers' numpy ``rescale`` and ``normalize`` compute them."""
-        values = pixels.to(torch.float32)
         if self.rescale_factor is not None:  # transformers upcasts to float64 before scaling, then casts back
             values = (pixels.to(torch.float64) * self.rescale_factor).to(torch.float32)
+        else:
+            values = pixels.to(torch.float32)
         if self.mean is not None and self.std is not None:
             shape = (1, -1) + (1,) * (values.dim() - 2)
             mean = torch.tensor(self.mean, dtype=torch.float32, device=values.device).view(shape)

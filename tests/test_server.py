@@ -115,6 +115,22 @@ def test_the_zeromq_transport_answers_as_the_default_one(served) -> None:
         assert _predict_json(fast_url, b"not an image").status_code == 400
 
 
+def test_two_workers_answer_as_one(served) -> None:
+    url, folder = served
+    images = [_png(seed) for seed in range(20, 28)]
+    expected = [_predict_json(url, image, budget="fast", top_k=2).json()["labels"] for image in images]
+    for workers_url in _serve(folder, 4, "--workers", "2", log_name="server-two-workers.log"):
+        assert requests.get(f"{workers_url}/info", timeout=10).json()["model"]["workers"] == 2
+        with ThreadPoolExecutor(8) as pool:  # eight at once: batches for both workers
+            answers = list(pool.map(partial(_predict_json, workers_url, budget="fast", top_k=2), images))
+        assert [answer.status_code for answer in answers] == [200] * 8
+        for answer, single in zip(answers, expected, strict=True):  # other batch sizes: float32 rounding only
+            assert [entry["label"] for entry in answer.json()["labels"]] == [entry["label"] for entry in single]
+            np.testing.assert_allclose([entry["score"] for entry in answer.json()["labels"]],
+                                       [entry["score"] for entry in single], atol=1e-5)
+        assert {answer.json()["batch_size"] for answer in answers} <= {1, 2, 3, 4}
+
+
 def _predict_json(url: str, image: bytes, **fields) -> requests.Response:
     return requests.post(f"{url}/predict", json={"image": base64.b64encode(image).decode(), **fields}, timeout=60)
 

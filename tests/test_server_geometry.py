@@ -87,7 +87,7 @@ def test_grayscale_requests_travel_as_one_channel_and_answer_as_rgb(model_folder
     fast = [preparer(body, "application/json") for body in bodies]
     assert [payload["shape"] for payload in fast] == [[1, 32, 32]] * 3
     assert len(base64.b64decode(fast[0]["pixels"])) == 32 * 32  # a third of the RGB bytes
-    preparer.geometry = None  # the processor's own path: converted to RGB, three channels
+    api_geometry, preparer.geometry = preparer.geometry, None  # the processor's own path: RGB, three channels
     slow = [preparer(body, "application/json") for body in bodies]
     assert [payload["shape"] for payload in slow] == [[3, 32, 32]] * 3
     fast_answers = _without_timing(api.predict([api.decode_request(payload) for payload in fast]))
@@ -96,6 +96,21 @@ def test_grayscale_requests_travel_as_one_channel_and_answer_as_rgb(model_folder
     # a batch mixing one- and three-channel requests of one budget is still one forward pass
     mixed = api.predict([api.decode_request(fast[0]), api.decode_request(slow[0])])
     assert [answer["batch_size"] for answer in mixed] == [2, 2]
+    # channels interleaved within one budget: each answer still belongs to its own request
+    same_budget = [json.dumps({"image": base64.b64encode(_png(_noise("L", 30, 30, seed))).decode(),
+                               "budget": "fast"}).encode() for seed in range(10, 14)]
+    gray = [preparer(body, "application/json") for body in same_budget]
+    preparer.geometry = api_geometry
+    rgb = [preparer(body, "application/json") for body in same_budget]
+    interleaved = [rgb[0], gray[1], rgb[2], gray[3]]
+    alone = [_without_timing(api.predict([api.decode_request(payload)]))[0] for payload in interleaved]
+    together = _without_timing(api.predict([api.decode_request(payload) for payload in interleaved]))
+    assert [answer["batch_size"] for answer in api.predict([api.decode_request(p) for p in interleaved])] == [4] * 4
+    for joint, single in zip(together, alone, strict=True):  # batch 4 against batch 1: float32 rounding only
+        assert [entry["label"] for entry in joint["labels"]] == [entry["label"] for entry in single["labels"]]
+        np.testing.assert_allclose([entry["score"] for entry in joint["labels"]],
+                                   [entry["score"] for entry in single["labels"]], atol=1e-6)
+    assert len({round(answer["labels"][0]["score"], 4) for answer in together}) == 4  # the images are told apart
 
 
 def test_the_encoded_body_is_the_payload_as_json(model_folder) -> None:  # noqa: F811
