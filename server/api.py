@@ -15,13 +15,15 @@ reduction plan, built once at start-up, as ``model(..., tome_plan=plan)``: the m
 from __future__ import annotations
 
 import base64
+import json
+import os
 import time
 from dataclasses import dataclass
 
 import litserve as ls
 import torch
 from PIL import Image
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 import hf_tome
 
@@ -40,6 +42,10 @@ class _Decoded:
     error: str | None = None
 
 
+async def _no_authorization() -> None:
+    """Every client may call ``/predict`` (unless ``LIT_SERVER_API_KEY`` is set)."""
+
+
 class ImageClassificationAPI(ls.LitAPI):
     """Serves ``hf_tome.AutoModelForImageClassification`` at ``api_path`` (default ``/predict``)."""
 
@@ -49,6 +55,11 @@ class ImageClassificationAPI(ls.LitAPI):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path)
         self.model_name, self.budget_specs, self.dtype_name, self.threads = model, list(budget_specs), dtype, threads
         self.compile, self.keep_freed_memory = compile, keep_freed_memory
+        if not os.environ.get("LIT_SERVER_API_KEY"):  # with a key set, LitServe checks it as usual
+            # LitServe's default "no authentication" dependency is a plain function, which FastAPI runs in its thread
+            # pool: a thread hand-off per request. LitAPI.authorize is LitServe's hook for this; an async one runs
+            # on the event loop.
+            self.authorize = _no_authorization
 
     def setup(self, device: str) -> None:
         from transformers import AutoImageProcessor
@@ -161,4 +172,5 @@ class ImageClassificationAPI(ls.LitAPI):
         if isinstance(output, _Decoded):  # the guard sent something unusable: a bug, answered without failing the batch
             return JSONResponse({"error": "internal_error", "detail": f"the request could not be run: {output.error}"},
                                 status_code=500)
-        return output
+        # encoded here, once: FastAPI passes a Response through instead of walking the dict with jsonable_encoder
+        return Response(json.dumps(output).encode(), media_type="application/json")

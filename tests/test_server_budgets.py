@@ -418,3 +418,22 @@ def test_the_process_decode_pool_answers_like_the_thread_pool() -> None:
     guard.pool.start()
     assert _run(answers(guard)) == threads == [(200, None), (400, "bad_json"), (400, "truncated_image"),
                                                (400, "bad_top_k")]
+
+
+def test_predict_needs_no_thread_for_authorization_unless_an_api_key_is_set(model_folder, monkeypatch) -> None:
+    import inspect
+
+    import litserve.server
+    from hf_tome_server.app import build_server
+
+    def predict_dependencies() -> list:
+        server = build_server(ServerOptions(model=str(model_folder), budgets=["full=r:0"], device="cpu"))
+        route = next(route for route in server.app.routes if getattr(route, "path", None) == "/predict")
+        return [dependency.call for dependency in route.dependant.dependencies]
+
+    monkeypatch.delenv("LIT_SERVER_API_KEY", raising=False)
+    calls = predict_dependencies()  # an async no-op: FastAPI awaits it on the event loop, no thread hand-off
+    assert len(calls) == 1 and inspect.iscoroutinefunction(calls[0]) and asyncio.run(calls[0]()) is None
+    monkeypatch.setenv("LIT_SERVER_API_KEY", "secret")  # as if the server started with it (LitServe reads it once)
+    monkeypatch.setattr(litserve.server, "LIT_SERVER_API_KEY", "secret")
+    assert predict_dependencies() == [litserve.server.api_key_auth]  # LitServe's own key check stays in charge
