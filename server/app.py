@@ -24,6 +24,7 @@ from .options import (
     SERVE_DECODE_POOLS,
     SERVE_DECODE_QUEUE,
     SERVE_DECODE_WORKERS,
+    SERVE_INLINE_PIXELS,
     SERVE_MAX_HEADER_BYTES,
     SERVE_READ_TIMEOUT,
     add_serve_arguments,
@@ -59,6 +60,7 @@ class ServerOptions:
     decode_workers: int = SERVE_DECODE_WORKERS
     decode_queue: int = SERVE_DECODE_QUEUE
     decode_pool: str = SERVE_DECODE_POOLS[0]
+    inline_pixels: int = SERVE_INLINE_PIXELS
     read_timeout: float = SERVE_READ_TIMEOUT
     max_header_bytes: int = SERVE_MAX_HEADER_BYTES
 
@@ -113,7 +115,8 @@ def build_server(options: ServerOptions) -> ls.LitServer:
     preparer = Preparer(AutoImageProcessor.from_pretrained(model), names, options.limits)
     guard = (RequestGuard, {"paths": (api.api_path,), "preparer": preparer, "metrics": metrics,
                             "decode_workers": options.decode_workers, "decode_queue": options.decode_queue,
-                            "decode_pool": options.decode_pool, "read_timeout": options.read_timeout})
+                            "decode_pool": options.decode_pool, "read_timeout": options.read_timeout,
+                            "inline_pixels": options.inline_pixels})
     metadata = {"model": model_display_name(options.model), "budgets": options.budgets, "device": device,
                 "dtype": options.dtype, "compile": options.compile, "keep_freed_memory": options.keep_freed_memory,
                 "workers": options.workers, "threads_per_worker": options.threads}
@@ -154,7 +157,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
                          keep_freed_memory=args.keep_freed_memory,
                          limits=Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels),
                          decode_workers=args.decode_workers, decode_queue=args.decode_queue,
-                         decode_pool=args.decode_pool, read_timeout=args.read_timeout,
+                         decode_pool=args.decode_pool, inline_pixels=args.inline_pixels, read_timeout=args.read_timeout,
                          max_header_bytes=args.max_header_bytes)
 
 

@@ -75,6 +75,16 @@ def _scaled(image: Image.Image) -> np.ndarray:
     return values
 
 
+def header_pixels(data: bytes) -> int | None:
+    """width x height as the image's header states it (nothing is decoded), or None if the header cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001  (decode_image names the problem, where the request is decoded)
+        return None
+    return width * height
+
+
 def decode_image(data: bytes, max_pixels: int, keep_grayscale: bool = False) -> Image.Image:
     """Open, check, fully decode and convert ``data`` to 8-bit RGB; every failure is a :class:`RequestError`.
 

@@ -30,7 +30,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .decode import decode_image
 from .errors import RequestError, sanitize
 from .metrics import ServerMetrics
-from .options import SERVE_DECODE_POOLS, SERVE_DECODE_QUEUE, SERVE_DECODE_WORKERS, SERVE_READ_TIMEOUT
+from .options import (
+    SERVE_DECODE_POOLS,
+    SERVE_DECODE_QUEUE,
+    SERVE_DECODE_WORKERS,
+    SERVE_INLINE_PIXELS,
+    SERVE_READ_TIMEOUT,
+)
 from .parse import Limits
 from .pool import DecodePool, Preparer
 
@@ -53,10 +59,11 @@ class RequestGuard:
 
     def __init__(self, app: ASGIApp, paths: tuple[str, ...], preparer: Preparer, metrics: ServerMetrics,
                  decode_workers: int = SERVE_DECODE_WORKERS, decode_queue: int = SERVE_DECODE_QUEUE,
-                 decode_pool: str = SERVE_DECODE_POOLS[0], read_timeout: float = SERVE_READ_TIMEOUT) -> None:
+                 decode_pool: str = SERVE_DECODE_POOLS[0], read_timeout: float = SERVE_READ_TIMEOUT,
+                 inline_pixels: int = SERVE_INLINE_PIXELS) -> None:
         self.app, self.paths, self.metrics, self.read_timeout = app, paths, metrics, read_timeout
         self.limits = preparer.limits
-        self.pool = DecodePool(preparer, decode_workers, decode_queue, decode_pool)
+        self.pool = DecodePool(preparer, decode_workers, decode_queue, decode_pool, inline_pixels=inline_pixels)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -112,7 +112,7 @@ def test_every_option_has_help_showing_its_default_once():
             expected = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
             assert text.endswith(f"(default: {expected})"), f"{name} {action.option_strings[0]}: {text!r}"
             shown += 1
-    assert shown == 130  # bench 5 + export 3 + (serve 14 + search 21 + compress 26) twice: as hf-tome X and python -m
+    assert shown == 132  # bench 5 + export 3 + (serve 15 + search 21 + compress 26) twice: as hf-tome X and python -m
 
 
 @pytest.mark.parametrize("command, option, expected", [
@@ -186,10 +186,11 @@ def test_serve_defaults_agree_with_the_server():
 
     defaults = app.ServerOptions()
     guard = inspect.signature(RequestGuard).parameters
-    assert [guard[name].default for name in ("decode_workers", "decode_queue", "decode_pool", "read_timeout")] == [
-        defaults.decode_workers, defaults.decode_queue, defaults.decode_pool, defaults.read_timeout]
+    names = ("decode_workers", "decode_queue", "decode_pool", "read_timeout", "inline_pixels")
+    assert [guard[name].default for name in names] == [getattr(defaults, name) for name in names]
     pool = inspect.signature(DecodePool).parameters
-    assert (pool["workers"].default, pool["queue"].default) == (defaults.decode_workers, defaults.decode_queue)
+    assert (pool["workers"].default, pool["queue"].default, pool["inline_pixels"].default) == (
+        defaults.decode_workers, defaults.decode_queue, defaults.inline_pixels)
     assert (GuardedH11Protocol.header_timeout, GuardedH11Protocol.max_header_bytes) == (defaults.read_timeout,
                                                                                         defaults.max_header_bytes)
     assert (defaults.device, defaults.dtype, defaults.compile) == ("auto", "float32", False)

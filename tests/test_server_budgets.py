@@ -209,7 +209,7 @@ def _json_answer(status: int, headers: dict, body: bytes) -> dict:
 def test_a_full_decode_pool_answers_503_with_retry_after_and_counts_it() -> None:
     gate = threading.Event()
     metrics = ServerMetrics()
-    guard = make_guard(metrics, decode_workers=1, decode_queue=1)
+    guard = make_guard(metrics, decode_workers=1, decode_queue=1, inline_pixels=0)  # every image to the pool
     preparer = guard.pool.preparer
 
     class Gated:
@@ -233,6 +233,31 @@ def test_a_full_decode_pool_answers_503_with_retry_after_and_counts_it() -> None
         assert _json_answer(status, headers, body)["error"] == "overloaded"
     assert [status for status, _, _ in served] == [200, 200]
     assert metrics.snapshot()["status_counts"] == {"200": 2, "503": 2} and guard.pool.pending == 0
+
+
+def test_small_images_are_prepared_on_the_event_loop_and_the_rest_in_the_pool() -> None:
+    from hf_tome_server.pool import INLINE_MAX_BODY_BYTES
+
+    def grey_png(width: int, height: int, noise: bool = False) -> bytes:
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 255, (height, width), dtype=np.uint8) if noise else np.zeros((height, width), np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    guard = make_guard(inline_pixels=256 * 256)
+    small, above, noisy = grey_png(256, 256), grey_png(257, 256), grey_png(300, 200, noise=True)
+    assert len(base64.b64encode(noisy)) > INLINE_MAX_BODY_BYTES
+    inline = []
+    for data in (small, above, noisy, b"not an image"):
+        before = guard.pool.prepared_inline
+        status, _, body = _run(call(guard, as_json(data)))
+        inline.append((status, guard.pool.prepared_inline - before))
+    # a header that cannot be read goes to the pool, which names the problem
+    assert inline == [(200, 1), (200, 0), (200, 0), (400, 0)]
+    assert make_guard(decode_pool="process", decode_workers=1).pool.inline_pixels == 0  # isolation stays whole
+    with pytest.raises(ValueError, match="inline_pixels=-1"):
+        make_guard(inline_pixels=-1)
 
 
 def test_a_body_that_stops_arriving_gets_408_after_the_read_timeout() -> None:
@@ -286,14 +311,17 @@ def test_the_catch_all_answers_json_counts_and_logs_without_paths(caplog) -> Non
     assert "RuntimeError" in logged and not LEAK.search(logged) and not LEAK.search(json.dumps(answers))
 
 
-def test_a_preparer_bug_is_a_counted_500_not_an_escape(monkeypatch) -> None:
+@pytest.mark.parametrize("inline_pixels", [0, 256 * 256])  # in a decode thread, and on the event loop
+def test_a_preparer_bug_is_a_counted_500_not_an_escape(monkeypatch, inline_pixels: int) -> None:
     import hf_tome_server.pool as pool
 
     monkeypatch.setattr(pool, "decode_image", lambda data, max_pixels, **_: {}["no such key"])
     metrics = ServerMetrics()
-    answer = _json_answer(*_run(call(make_guard(metrics), as_json(_png(0)))))
+    guard = make_guard(metrics, inline_pixels=inline_pixels)
+    answer = _json_answer(*_run(call(guard, as_json(_png(0)))))
     assert (answer["status"], answer["error"]) == (500, "internal_error")
     assert metrics.snapshot()["errors"] == {"internal_error": 1}
+    assert guard.pool.prepared_inline == (1 if inline_pixels else 0)
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -236,12 +236,17 @@ def test_mutated_images_of_every_format_never_get_a_5xx() -> None:
     for size in [(0, 10), (100_000, 100_000), (250_001, 1), (2**31 - 1, 2**31 - 1), (1, 250_000)]:
         cases.append((f"png {size}", as_json(png_with_size(*size)), "application/json"))
     metrics = ServerMetrics()
-    results = run_all(make_guard(metrics), cases)
+    guard = make_guard(metrics)
+    results = run_all(guard, cases)
     codes = {answer.get("error") for status, answer in results if status != 200}
     assert {"truncated_image", "not_an_image", "image_too_large"} <= codes
     assert sum(status == 200 for status, _ in results) > len(cases) // 10  # many damages still decode
     snapshot = metrics.snapshot()
     assert snapshot["requests"] == len(cases) and not any(code.startswith("5") for code in snapshot["status_counts"])
+    # small images were prepared on the event loop, the rest in the pool; with every image in the pool, every
+    # answer is the same
+    assert len(cases) // 2 < guard.pool.prepared_inline < len(cases)
+    assert run_all(make_guard(inline_pixels=0), cases) == results
 
 
 def _random_json(rng: np.random.Generator, depth: int = 0):
