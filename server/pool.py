@@ -131,7 +131,7 @@ class DecodePool:
 
     With a thread pool, an image of at most ``inline_pixels`` pixels (from its header) in a body of at most
     :data:`INLINE_MAX_BODY_BYTES` is prepared on the event loop instead: handing it to a thread and back costs more
-    CPU than the work, which this bound keeps to about a millisecond.
+    CPU than the work, which these bounds keep to about a millisecond (1.5 ms at most measured, 128 x 128 WebP).
     """
 
     def __init__(self, preparer: Preparer, workers: int = SERVE_DECODE_WORKERS, queue: int = SERVE_DECODE_QUEUE,
