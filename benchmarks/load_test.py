@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import http.client
 import json
 import os
 import signal
@@ -96,32 +95,58 @@ class ServerProcess:
 
 
 class _Connection:
-    """One keep-alive HTTP/1.1 connection (``http.client``: the clients share the server's cores, so the load
-    generator should cost as little CPU per request as it can; a ``requests`` session costs several times more)."""
+    """One keep-alive HTTP/1.1 connection on a plain socket. The clients share the server's cores, so the load
+    generator should cost as little CPU per request as it can: each request's bytes are built once per phase, and a
+    response is read by its ``content-length`` (``http.client`` cost about 0.3 ms of CPU per request, a ``requests``
+    session several times more)."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        self.host, _, port = url.removeprefix("http://").partition(":")
-        self.port, self.timeout, self.connection = int(port), timeout, None
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.address, self.timeout = (host, int(port)), timeout
+        self.sock: socket.socket | None = None
+        self.pending = b""  # bytes read past the previous response
 
-    def post(self, path: str, body: bytes) -> str:
-        """The status code as text, or the exception's name (the connection is reopened on the next request)."""
+    def post(self, request: bytes) -> str:
+        """Send a whole request; the status code as text, or why there is none (the connection is then reopened)."""
         try:
-            if self.connection is None:
-                self.connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-            self.connection.request("POST", path, body=body, headers={"content-type": "application/json"})
-            response = self.connection.getresponse()
-            response.read()
-            if response.getheader("connection", "").lower() == "close":
+            if self.sock is None:
+                self.sock = socket.create_connection(self.address, timeout=self.timeout)
+                self.pending = b""
+            self.sock.sendall(request)
+            status, keep_open = self._response()
+            if not keep_open:
                 self.close()
-            return str(response.status)
-        except (OSError, http.client.HTTPException) as error:
+            return status
+        except (OSError, ValueError) as error:
             self.close()
             return type(error).__name__
 
+    def _response(self) -> tuple[str, bool]:
+        data = self.pending
+        while b"\r\n\r\n" not in data:
+            data += self._receive()
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        fields = (line.partition(":") for line in lines[1:])
+        headers = {name.strip().lower(): value.strip() for name, _, value in fields}
+        if "content-length" not in headers:
+            raise ValueError(f"no content-length in {lines[0]!r}")
+        length = int(headers["content-length"])
+        while len(data) < length:
+            data += self._receive()
+        self.pending = data[length:]
+        return lines[0].split(" ", 2)[1], headers.get("connection", "").lower() != "close"
+
+    def _receive(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection")
+        return chunk
+
     def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def run_phase(url: str, payloads: list[dict], budget: str, clients: int, total_requests: int,
@@ -131,7 +156,10 @@ def run_phase(url: str, payloads: list[dict], budget: str, clients: int, total_r
     failures: Counter[str] = Counter()
     issued = 0
     lock = threading.Lock()
+    host = url.removeprefix("http://")
     bodies = [json.dumps(payload | {"budget": budget}).encode() for payload in payloads]  # encoded once, not per send
+    bodies = [f"POST /predict HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: "
+              f"{len(body)}\r\n\r\n".encode() + body for body in bodies]
     deadline = time.perf_counter() + max_seconds
     progress = tqdm(total=total_requests, desc=description, unit="req")
 
@@ -146,7 +174,7 @@ def run_phase(url: str, payloads: list[dict], budget: str, clients: int, total_r
                 issued += 1
                 body = bodies[issued % len(bodies)]
             start = time.perf_counter()
-            status = connection.post("/predict", body)
+            status = connection.post(body)
             elapsed = time.perf_counter() - start
             with lock:
                 if status == "200":
