@@ -75,21 +75,8 @@ def _scaled(image: Image.Image) -> np.ndarray:
     return values
 
 
-def header_pixels(data: bytes) -> int | None:
-    """width x height as the image's header states it (nothing is decoded), or None if the header cannot be read."""
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
-            width, height = image.size
-    except Exception:  # noqa: BLE001  (decode_image names the problem, where the request is decoded)
-        return None
-    return width * height
-
-
-def decode_image(data: bytes, max_pixels: int, keep_grayscale: bool = False) -> Image.Image:
-    """Open, check, fully decode and convert ``data`` to 8-bit RGB; every failure is a :class:`RequestError`.
-
-    With ``keep_grayscale``, a one-channel image (``L``, or a high bit depth scaled to ``L``) stays ``L``.
-    """
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read, its size checked against ``max_pixels``; failures are RequestErrors."""
     if not data:
         raise RequestError(400, "empty_image", "the image is empty (0 bytes)")
     try:
@@ -102,6 +89,16 @@ def decode_image(data: bytes, max_pixels: int, keep_grayscale: bool = False) -> 
     except Exception as error:  # noqa: BLE001  (a broken header raises whatever its plugin trips on)
         raise RequestError(400, "not_an_image", f"the image header could not be read: {_error_text(error)}") from None
     _check_size(image, max_pixels)  # from the header: a decompression bomb is refused before decoding
+    return image
+
+
+def decode_image(data: bytes | Image.Image, max_pixels: int, keep_grayscale: bool = False) -> Image.Image:
+    """Open (unless ``data`` is already :func:`open_image`'s answer), check, fully decode and convert to 8-bit RGB;
+    every failure is a :class:`RequestError`.
+
+    With ``keep_grayscale``, a one-channel image (``L``, or a high bit depth scaled to ``L``) stays ``L``.
+    """
+    image = data if isinstance(data, Image.Image) else open_image(data, max_pixels)
     try:
         image.load()
     except (Image.DecompressionBombError, MemoryError) as error:

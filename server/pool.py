@@ -24,8 +24,9 @@ import threading
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from .decode import decode_image, header_pixels
+from .decode import decode_image, open_image
 from .errors import RequestError, sanitize
 from .geometry import Geometry, fast_geometry
 from .options import SERVE_DECODE_QUEUE, SERVE_DECODE_WORKERS, SERVE_INLINE_PIXELS
@@ -53,10 +54,10 @@ class Preparer:
         """The request's fields, parsed and validated (the image is not decoded yet)."""
         return validate(parse_body(body, content_type), self.budgets, self.limits)
 
-    def prepared(self, fields: Fields) -> dict:
-        """The payload of valid fields: the image decoded and preprocessed."""
+    def prepared(self, fields: Fields, opened: Image.Image | None = None) -> dict:
+        """The payload of valid fields: the image decoded (``opened``: its header already read) and preprocessed."""
         geometry = self.fast_geometry
-        image = decode_image(fields.image, self.limits.max_pixels,
+        image = decode_image(fields.image if opened is None else opened, self.limits.max_pixels,
                              keep_grayscale=geometry is not None and geometry.grayscale)
         pixels = self.pixel_values(image)
         return {"pixels": base64.b64encode(pixels.tobytes()).decode("ascii"), "shape": list(pixels.shape),
@@ -66,9 +67,9 @@ class Preparer:
         """The budget's name and the payload as a JSON body (encoded here too, not on the event loop)."""
         return self.encoded_fields(self.fields(body, content_type))
 
-    def encoded_fields(self, fields: Fields) -> tuple[str, bytes]:
-        """:meth:`encoded` for fields already parsed."""
-        payload = self.prepared(fields)
+    def encoded_fields(self, fields: Fields, opened: Image.Image | None = None) -> tuple[str, bytes]:
+        """:meth:`encoded` for fields already parsed (and the image's header, if read: see :meth:`prepared`)."""
+        payload = self.prepared(fields, opened)
         pixels = payload.pop("pixels")  # base64 needs no JSON escaping: spliced in, not scanned by json.dumps
         return payload["budget"], b'{"pixels": "' + pixels.encode("ascii") + b'", ' + json.dumps(payload)[1:].encode()
 
@@ -179,12 +180,13 @@ class DecodePool:
         if self.kind == "process":
             future = executor.submit(_prepare_in_process, body, content_type)
         elif self.inline_pixels and len(body) <= INLINE_MAX_BODY_BYTES:
+            # parsing a small body and reading an image header are quick: their errors are answered right here
             fields = self.preparer.fields(body, content_type)
-            pixels = header_pixels(fields.image)
-            if pixels is not None and pixels <= self.inline_pixels:
+            image = open_image(fields.image, self.preparer.limits.max_pixels)
+            if image.width * image.height <= self.inline_pixels:
                 self.prepared_inline += 1
-                return self.preparer.encoded_fields(fields)
-            future = executor.submit(self.preparer.encoded_fields, fields)
+                return self.preparer.encoded_fields(fields, image)
+            future = executor.submit(self.preparer.encoded_fields, fields, image)
         else:
             future = executor.submit(self.preparer.encoded, body, content_type)
         self.pending += 1  # released when the work ends, even if the client has gone meanwhile

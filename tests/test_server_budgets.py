@@ -253,7 +253,7 @@ def test_small_images_are_prepared_on_the_event_loop_and_the_rest_in_the_pool() 
         before = guard.pool.prepared_inline
         status, _, body = _run(call(guard, as_json(data)))
         inline.append((status, guard.pool.prepared_inline - before))
-    # a header that cannot be read goes to the pool, which names the problem
+    # a header that cannot be read is answered at once (the counter counts only images prepared inline)
     assert inline == [(200, 1), (200, 0), (200, 0), (400, 0)]
     assert make_guard(decode_pool="process", decode_workers=1).pool.inline_pixels == 0  # isolation stays whole
     with pytest.raises(ValueError, match="inline_pixels=-1"):
