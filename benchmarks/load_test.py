@@ -8,15 +8,17 @@ count and a time limit:
 - batching on (``--max-batch-size``), each budget in turn (default ``full=r:0`` and ``half=macs:0.5``); with
   ``--rounds N`` the budgets alternate N times (full, half, full, half...) and each budget's rounds are pooled
 
-Each request is one image, so images/s = requests/s. The same budgets' bare forward images/s at the batch size
-the server ran (benchmarks/batch_efficiency.py, in a process of its own with the same device, dtype and threads,
-timed before the server phases and again after them: the mean of both) give the server's share of the bare
-forward; the acceptance targets are ``server >= 90%`` of the bare forward for every budget and the half-MACs
-budget at ``>= 1.8x`` the full one's requests/s. Everything is written to ``--out`` (JSON).
+Each request is one image, so images/s = requests/s. The same budgets' bare forward images/s at the batch size the
+server ran (benchmarks/batch_efficiency.py, with the same device, dtype and threads, timed before the server phases
+and again after them: the mean of both) give the server's share of the bare forward. The bare forward runs in one
+process with ``--threads`` threads and, with ``--workers W``, also as W processes of ``--threads / W`` threads at
+once (the server's arrangement); the one that serves more is the reference. The acceptance targets are
+``server >= 90%`` of the bare forward for every budget and the half-MACs budget at ``>= 1.8x`` the full one's
+requests/s. Everything is written to ``--out`` (JSON).
 
     python benchmarks/load_test.py                           # embedded default model, 64 clients
     python benchmarks/load_test.py --requests 128 --clients 16 --model path/to/model
-    python benchmarks/load_test.py --threads 2 --dtype auto --requests 480 --rounds 3   # the README's table
+    python benchmarks/load_test.py --threads 2 --workers 2 --dtype auto --requests 480 --rounds 3   # the README's
     python benchmarks/load_test.py --device cuda --dtype bfloat16 --max-batch-size 64
 """
 
@@ -214,18 +216,36 @@ def pooled(rows: list[dict], name: str) -> dict:
             if batches else None}
 
 
-def bare_forward(args: argparse.Namespace, budgets: list[str], out: Path) -> dict[str, float]:
-    """Bare forward images/s of each budget at ``--max-batch-size`` (batch_efficiency.py, in its own process)."""
+def bare_forward(args: argparse.Namespace, budgets: list[str], out: Path, processes: int = 1) -> dict[str, float]:
+    """Bare forward images/s of each budget at ``--max-batch-size`` (batch_efficiency.py): ``processes`` of them at
+    once, each with ``--threads / processes`` torch threads, their images/s summed (the same work in each, started
+    together, so that they overlap)."""
     command = [sys.executable, str(ROOT / "benchmarks/batch_efficiency.py"), "--batch-sizes",
-               str(args.max_batch_size), "--dtypes", args.dtype, "--device", args.device, "--out", str(out),
+               str(args.max_batch_size), "--dtypes", args.dtype, "--device", args.device,
                "--images", str(args.bare_images)]
     command += [f"--budget={spec}" for spec in budgets]
     command += ["--model", args.model] if args.model else []
-    command += ["--threads", str(args.threads)] if args.threads else []
+    command += ["--threads", str(args.threads // processes)] if args.threads else []
     command += [] if args.keep_freed_memory else ["--no-keep-freed-memory"]
-    subprocess.run(command, cwd=ROOT, check=True)
-    rows = json.loads(out.read_text())["rows"]
-    return {row["budget"]: row["images_per_s"][str(args.max_batch_size)] for row in rows}
+    outs = [out if processes == 1 else out.with_suffix(f".process{k}.json") for k in range(processes)]
+    running = [subprocess.Popen([*command, "--out", str(path)], cwd=ROOT) for path in outs]
+    if any(process.wait() != 0 for process in running):
+        raise RuntimeError(f"the bare forward failed: {' '.join(command)}")
+    totals: dict[str, float] = {}
+    for path in outs:
+        for row in json.loads(path.read_text())["rows"]:
+            totals[row["budget"]] = totals.get(row["budget"], 0.0) + row["images_per_s"][str(args.max_batch_size)]
+    return totals
+
+
+def bare_arrangements(args: argparse.Namespace, budgets: list[str], out: Path) -> dict[str, dict[str, float]]:
+    """The bare forward in one process with ``--threads`` threads and, with ``--workers W``, also in W processes of
+    ``--threads / W`` threads at once, as the server's workers run (whichever serves more is the reference)."""
+    arrangements = {"one_process": bare_forward(args, budgets, out)}
+    if args.workers > 1:
+        arrangements[f"{args.workers}_processes"] = bare_forward(args, budgets, out.with_suffix(".workers.json"),
+                                                                 processes=args.workers)
+    return arrangements
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     options += args.serve_args
     # The bare forward is timed before the server phases and again after them: on a shared (virtual) machine its
     # images/s drifts by +-10% within minutes, so the share uses the mean of the two and both are kept.
-    bare_runs = [bare_forward(args, budgets, args.out.with_suffix(".bare.json"))] if args.bare else []
+    bare_runs = [bare_arrangements(args, budgets, args.out.with_suffix(".bare.json"))] if args.bare else []
     payloads = request_payloads()
     if args.rounds < 1:
         parser.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
@@ -308,18 +328,22 @@ def main(argv: list[str] | None = None) -> None:
             rows = [row for row in results.values() if row["budget"] == name and row["max_batch_size"] > 1]
             results[f"batching on, {name}, {args.rounds} rounds pooled"] = pooled(rows, name) | {"pooled": True}
     if args.bare:
-        bare_runs.append(bare_forward(args, budgets, args.out.with_suffix(".bare_after.json")))
+        bare_runs.append(bare_arrangements(args, budgets, args.out.with_suffix(".bare_after.json")))
         for row in results.values():
-            if row["max_batch_size"] == args.max_batch_size and row["budget"] in bare_runs[0]:  # every round
-                runs = [run[row["budget"]] for run in bare_runs]
-                row |= {"bare_images_per_s": statistics.mean(runs), "bare_images_per_s_runs": runs,
-                        "server_over_bare": row["images_per_s"] / statistics.mean(runs)}
+            if row["max_batch_size"] == args.max_batch_size and row["budget"] in bare_runs[0]["one_process"]:
+                # every round; the reference is the arrangement that serves more (mean of its runs before and after)
+                runs = {name: [run[name][row["budget"]] for run in bare_runs] for name in bare_runs[0]}
+                reference = max(runs, key=lambda name: statistics.mean(runs[name]))
+                row |= {"bare_images_per_s": statistics.mean(runs[reference]), "bare_reference": reference,
+                        "bare_images_per_s_runs": runs,
+                        "server_over_bare": row["images_per_s"] / statistics.mean(runs[reference])}
     summary = _summary(results, names, args.max_batch_size, args.rounds)
     print(f"\n{args.clients} concurrent clients on 127.0.0.1; server: {info.get('model', {})}")
     print("| phase | requests | req/s = img/s | p50 ms | p99 ms | mean batch | bare img/s | server / bare |")
     print("|---|---|---|---|---|---|---|---|")
     for phase, row in results.items():
-        bare_text = (f"{row['bare_images_per_s']:.2f} | {100 * row['server_over_bare']:.0f}%"
+        bare_text = (f"{row['bare_images_per_s']:.2f} ({row['bare_reference'].replace('_', ' ')}) | "
+                     f"{100 * row['server_over_bare']:.0f}%"
                      if "bare_images_per_s" in row else "- | -")
         print(f"| {phase} | {row['requests']} | {row['requests_per_s']:.2f} | {_ms(row['p50_ms'])} | "
               f"{_ms(row['p99_ms'])} | {row['mean_batch_size'] or 0:.1f} | {bare_text} |")
