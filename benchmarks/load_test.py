@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="batched phases per budget, alternating budgets (full, half, full, half...), pooled: "
                              "the machine's drift during a run then weighs on every budget alike")
-    parser.add_argument("--warm-up", type=int, default=16, help="requests sent before each phase's timing")
+    parser.add_argument("--warm-up", type=int, default=64,
+                        help="requests sent before each phase's timing, by --clients clients (full batches: a "
+                             "worker's first forwards of a batch shape also fault in its memory)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/load_test.json")
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                 servers[batch_size].wait_healthy()
                 info = requests.get(f"{servers[batch_size].url}/info", timeout=10).json()
             url = servers[batch_size].url
-            run_phase(url, payloads, budget, min(args.clients, 8), args.warm_up, args.max_seconds, f"warm-up {phase}")
+            run_phase(url, payloads, budget, args.clients, args.warm_up, args.max_seconds, f"warm-up {phase}")
             before = requests.get(f"{url}/metrics", timeout=10).json()
             row = run_phase(url, payloads, budget, args.clients, args.requests, args.max_seconds, phase)
             after = requests.get(f"{url}/metrics", timeout=10).json()
