@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from allocator_option import add_allocator_option, apply_allocator_option
 
 import hf_tome
-from hf_tome.core.allocator import keep_freed_memory
 from hf_tome.evaluation.reporting import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="default: the embedded default model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
-                        help="leave glibc malloc's thresholds alone (hf_tome.core.allocator; the server's default is "
-                             "to set them, as here)")
+    add_allocator_option(parser, "the server's default is to set them, as here")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--images", type=int, default=48, help="images timed per batch size (at least 3 runs)")
     parser.add_argument("--budget", dest="budgets", action="append", default=None,
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    kept = keep_freed_memory() if args.keep_freed_memory else False
+    kept = apply_allocator_option(args)
     if args.model is None:
         from hf_tome.evaluation.assets.default_model import default_model_path
 

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from allocator_option import add_allocator_option, apply_allocator_option
 
 import hf_tome
-from hf_tome.core.allocator import keep_freed_memory
 from hf_tome.evaluation.classification import resolve_dtype
 from hf_tome.evaluation.reporting import machine_info
 from hf_tome.integration.flops import constant_r_for_macs
@@ -48,15 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
-    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
-                        help="leave glibc malloc's thresholds alone (hf_tome.core.allocator): forwards then page-fault "
-                             "in fresh memory, which slows every row on a CPU")
+    add_allocator_option(parser, "forwards then page-fault in fresh memory, which slows every row on a CPU")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/merge_rules.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks/plots/merge_rules.png")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    kept_freed_memory = keep_freed_memory() if args.keep_freed_memory else False
+    kept_freed_memory = apply_allocator_option(args)
     from transformers import AutoImageProcessor
 
     if args.model is None:

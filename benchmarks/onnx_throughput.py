@@ -23,10 +23,10 @@ from pathlib import Path
 import onnxruntime
 import torch
 import transformers
+from allocator_option import add_allocator_option, apply_allocator_option
 from tqdm import tqdm
 
 import hf_tome
-from hf_tome.core.allocator import keep_freed_memory
 from hf_tome.evaluation.assets.default_model import default_model_path
 from hf_tome.export.onnx import export_onnx
 from hf_tome.export.options import DEFAULT_OPSET
@@ -114,9 +114,8 @@ def main() -> None:
     parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (20 has a fused GELU)")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 2, 1 round")
-    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
-                        help="leave glibc malloc's thresholds alone (hf_tome.core.allocator): PyTorch's forwards then "
-                             "fault in fresh pages, while onnxruntime keeps its own memory arena either way")
+    add_allocator_option(parser, "PyTorch's forwards then fault in fresh pages, while onnxruntime keeps its own "
+                                 "memory arena either way")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"JSON file (default: {RESULTS}; with --quick, one in the temp folder)")
     args = parser.parse_args()
@@ -124,7 +123,7 @@ def main() -> None:
         args.batch, args.rounds = 2, 1
     out = args.out or (Path(tempfile.gettempdir()) / "onnx_throughput_quick.json" if args.quick else RESULTS)
     model_path = args.model or default_model_path()
-    kept_freed_memory = keep_freed_memory() if args.keep_freed_memory else False
+    kept_freed_memory = apply_allocator_option(args)
     with tempfile.TemporaryDirectory() as workdir:
         rows = measure(model_path, args.r, args.batch, args.rounds, args.threads, args.exporter, args.opset,
                        Path(workdir))

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import transformers as T
+from allocator_option import add_allocator_option, apply_allocator_option
 from tqdm import tqdm
 
 import hf_tome
-from hf_tome.core.allocator import keep_freed_memory
 
 # name -> ToMeConfig keyword arguments; None is the unpatched model.
 VIT_SETTINGS: dict[str, dict | None] = {
@@ -118,15 +118,14 @@ def main() -> None:
                         help="also time these families (names from benchmarks/families_*.py; 'all' for every one)")
     parser.add_argument("--family-batch", type=int, default=4, help="batch size for the other families")
     parser.add_argument("--skip-vit", action="store_true", help="only the --families rows")
-    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
-                        help="leave glibc malloc's thresholds alone (hf_tome.core.allocator)")
+    add_allocator_option(parser)
     parser.add_argument("--out", type=Path, default=None, help="JSON (default: benchmarks/results/throughput.json, "
                         "or throughput_families.json with --skip-vit)")
     args = parser.parse_args()
     if args.out is None:
         args.out = Path("benchmarks/results") / ("throughput_families.json" if args.skip_vit else "throughput.json")
     torch.set_num_threads(args.threads)
-    kept_freed_memory = keep_freed_memory() if args.keep_freed_memory else False
+    kept_freed_memory = apply_allocator_option(args)
     torch.manual_seed(0)
     report: dict = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
