@@ -306,3 +306,32 @@ def test_search_with_mlerp_scores_and_saves_mlerp(tiny_classifier_and_data, tmp_
     assert nll[0] == nll[1] and abs(nll[0] - nll[2]) > 1e-4, nll
     evaluator.set_kept(None, None, r=12, merge_mode="mean", merge_rule="pitome")
     assert (evaluator.plan.merge_rule, evaluator.plan.merge_mode) == ("pitome", "mean")
+
+
+def test_the_search_keeps_freed_memory_unless_told_not_to(monkeypatch) -> None:
+    import argparse
+
+    import hf_tome.core.allocator as allocator
+    import hf_tome.evaluation.accel as accel
+    from hf_tome.budgets.options import add_search_arguments
+    from hf_tome.budgets.search import options_from_args, run_search
+
+    class Reached(Exception):
+        pass
+
+    calls = []
+
+    def stop(**_):  # the accelerator comes right after the allocator setting: stop there
+        raise Reached
+
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("kept") or True)
+    monkeypatch.setattr(accel, "make_accelerator", stop)
+    parser = argparse.ArgumentParser()
+    add_search_arguments(parser)
+    for argv, expected in [([], ["kept"]), (["--no-keep-freed-memory"], [])]:
+        calls.clear()
+        options = options_from_args(parser.parse_args(argv))
+        assert options.keep_freed_memory is (argv == [])
+        with pytest.raises(Reached):
+            run_search(options)
+        assert calls == expected

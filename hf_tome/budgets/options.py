@@ -50,6 +50,7 @@ class SearchOptions:
     diffrate_lr: float = 0.05
     flops_weight: float = 50.0
     cpu: bool = False
+    keep_freed_memory: bool = True
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +121,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-place", action="store_true", help="also write the table into --model's config.json")
     parser.add_argument("--no-baseline", action="store_true", help="skip constant-r ToMe on the validation images")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is available")
+    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                        help="leave glibc malloc's thresholds alone (hf_tome.keep_freed_memory): the candidates' "
+                             "forwards then fault in fresh pages, slower on a CPU")
     parser.add_argument("--diffrate-steps", type=int, default=defaults.diffrate_steps,
                         help="gradient steps of the differentiable search, per target")
     parser.add_argument("--diffrate-batch", type=int, default=defaults.diffrate_batch,

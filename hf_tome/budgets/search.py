@@ -142,6 +142,10 @@ def run_search(options: SearchOptions) -> dict:
     from hf_tome.integration.registry import find_adapter
 
     started = time.perf_counter()
+    if options.keep_freed_memory:  # this process runs forwards only: their activations stop page-faulting
+        from hf_tome.core.allocator import keep_freed_memory
+
+        keep_freed_memory()
     accelerator = make_accelerator(cpu=options.cpu)
     model_name, model, processor, search_set, val_set, base = _load(options, accelerator)
     probe = processor(images=search_set[0]["image"].convert("RGB"), return_tensors="pt")["pixel_values"]
