@@ -105,9 +105,8 @@ class ImageClassificationAPI(ls.LitAPI):
             if request["budget"] not in self.budgets:
                 raise ValueError(f"unknown budget {request['budget']!r}")
             pixels = pixels.reshape(shape)
-            if dtype == torch.uint8 and shape[0] == 1 and self.channels != 1:
-                pass  # grayscale: kept as one channel until normalised (see _pixel_batch), equal to RGB then
-            elif shape[0] != self.channels:
+            grayscale = dtype == torch.uint8 and shape[0] == 1  # stays one channel until normalised (_pixel_batch)
+            if shape[0] != self.channels and not grayscale:
                 raise ValueError(f"{shape[0]} channels, expected {self.channels}")
             return _Decoded(pixels, request["budget"], int(request["top_k"]))
         except Exception as error:  # noqa: BLE001
@@ -170,7 +169,7 @@ class ImageClassificationAPI(ls.LitAPI):
     # No annotations here: LitServe turns them into the FastAPI route's types, and a Union with a Response fails.
     def encode_response(self, output):  # noqa: ANN001, ANN201
         if isinstance(output, _Decoded):  # the guard sent something unusable: a bug, answered without failing the batch
-            return JSONResponse({"error": "internal_error", "detail": f"the request could not be run: {output.error}"},
-                                status_code=500)
+            return JSONResponse(content={"error": "internal_error",
+                                         "detail": f"the request could not be run: {output.error}"}, status_code=500)
         # encoded here, once: FastAPI passes a Response through instead of walking the dict with jsonable_encoder
-        return Response(json.dumps(output).encode(), media_type="application/json")
+        return Response(content=json.dumps(output).encode(), media_type="application/json")
