@@ -55,10 +55,10 @@ def test_a_forward_reuses_freed_memory_instead_of_faulting_in_fresh_pages() -> N
     applied, kept = _faults("keep")
     default_applied, default = _faults("default")
     assert (applied, default_applied) == ("True", "False")
-    # Measured: about 110 faults per forward with the thresholds raised; by default about 870, or none when
-    # glibc's adaptive threshold had already risen in that process (its history decides), so only the kept side
-    # has a fixed bound.
-    assert kept < 400 and kept <= default + 50, (kept, default)
+    # Measured: 80 to 110 faults per forward with the thresholds raised; by default about 870, or none when
+    # glibc's adaptive threshold had already risen in that process (its history decides: CI saw 0 by default and 82
+    # kept), so only the kept side has a fixed bound; the default side is only reported.
+    assert kept < 400, (kept, default)
 
 
 class _FakeLibc:
