@@ -113,8 +113,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def _test_batches(processor, limit: int | None, batch_size: int,
                   dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The Fashion-MNIST test images, preprocessed once (read straight from the idx files: no datasets library,
-    so the script also runs where only torch and transformers are installed, such as a lent GPU machine)."""
+    """The Fashion-MNIST test images (the first ``limit``), preprocessed once."""
+    return split_batches(processor, "test", 0, limit, batch_size, dtype)
+
+
+def split_batches(processor, split: str, start: int, stop: int | None, batch_size: int,
+                  dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Images ``start:stop`` of a Fashion-MNIST split with their labels, preprocessed once in batches (read straight
+    from the idx files: no datasets library, so the script also runs where only torch and transformers are
+    installed, such as a lent GPU machine)."""
     import io
 
     from PIL import Image
@@ -122,12 +129,13 @@ def _test_batches(processor, limit: int | None, batch_size: int,
 
     from hf_tome.evaluation.assets.fashion_mnist import fashion_mnist_pngs
 
-    pngs, labels = fashion_mnist_pngs("test", limit=limit)
+    pngs, labels = fashion_mnist_pngs(split, limit=stop)
+    pngs, labels = pngs[start:], labels[start:]
     batches = []
-    for start in tqdm(range(0, len(pngs), batch_size), desc="preprocessing", unit="batch"):
-        images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs[start:start + batch_size]]
+    for first in tqdm(range(0, len(pngs), batch_size), desc=f"preprocessing ({split})", unit="batch"):
+        images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs[first:first + batch_size]]
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(dtype)
-        batches.append((pixel_values, torch.as_tensor(labels[start:start + batch_size], dtype=torch.long)))
+        batches.append((pixel_values, torch.as_tensor(labels[first:first + batch_size], dtype=torch.long)))
     return batches
 
 

@@ -28,6 +28,20 @@ def merge_schedule(r: int | Sequence[int], num_layers: int, inflect: float = 0.0
     return per_layer + [0] * (num_layers - len(per_layer))
 
 
+def decaying_schedule(scale: float, decay: float, num_layers: int) -> list[int]:
+    """A geometrically decaying schedule: layer ``i`` merges ``round(scale * decay ** i)`` tokens (before clamping).
+
+    Front-loaded like ToMe's ``inflect < 0``, but falling by a constant factor per layer instead of a constant step,
+    so the last layers keep merging a few tokens rather than none. ``decay=1`` is a constant ``round(scale)``.
+    :func:`hf_tome.integration.flops.decaying_r_for_macs` fits ``scale`` to a MACs target.
+    """
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay={decay!r} is invalid: expected a factor in (0, 1]")
+    if scale < 0:
+        raise ValueError(f"scale={scale!r} is invalid: expected a number of tokens >= 0")
+    return [int(round(scale * decay**layer)) for layer in range(num_layers)]
+
+
 def clamp_r(r: int, num_tokens: int, protected: int) -> int:
     """At most half of the unprotected tokens can be merged in one bipartite step."""
     return max(0, min(r, (num_tokens - protected) // 2))

@@ -14,12 +14,12 @@ from torch import nn
 from hf_tome.config import ToMeConfig
 from hf_tome.core.macs import ComputeReport, block_macs, encoder_report, nearest_r
 from hf_tome.core.plan import ReductionPlan
-from hf_tome.core.schedule import kept_tokens_per_layer, tokens_per_layer
+from hf_tome.core.schedule import decaying_schedule, kept_tokens_per_layer, tokens_per_layer
 from hf_tome.integration.patch import build_plan
 from hf_tome.integration.registry import find_adapter, slim_layers, unwrap_compiled
 
 __all__ = ["ComputeReport", "block_macs", "compute_report", "constant_r_for_macs", "constant_r_for_reductions",
-           "encoder_report"]
+           "decaying_r_for_macs", "encoder_report"]
 
 
 def compute_report(model: nn.Module, image_size: tuple[int, int] | None = None, *,
@@ -76,6 +76,39 @@ def constant_r_for_macs(model: nn.Module, target: float, *, image_size: tuple[in
         raise ValueError(f"MACs target {target:.4g} is out of reach with constant r for this model: r=0 to {max_r} "
                          f"give {macs_of(max_r) / full:.4f} to 1 of the full model's MACs")
     return found
+
+
+def decaying_r_for_macs(model: nn.Module, target: float, decay: float, *,
+                        image_size: tuple[int, int] | None = None) -> list[int]:
+    """The :func:`~hf_tome.core.schedule.decaying_schedule` of ``decay`` with the most MACs at most ``target``.
+
+    ``target`` is a fraction (<= 1) of the unreduced model's MACs at ``image_size``, or MACs per image (> 1). The
+    result is a per-layer list for ``ToMeConfig(r=...)``: layer ``i`` merges about ``scale * decay ** i`` tokens,
+    with ``scale`` found by bisection (MACs never rise as it grows). ``ValueError`` when even merging as much as
+    every layer allows does not reach the target.
+    """
+    model = unwrap_compiled(model)
+    full = compute_report(model, image_size, config=ToMeConfig(r=0))
+    num_layers, max_r = len(full.tokens_in), full.tokens_in[0]
+    target_macs = target * full.total_macs if target <= 1 else target
+
+    def macs_of(scale: float) -> int:
+        schedule = decaying_schedule(scale, decay, num_layers)
+        return compute_report(model, image_size, config=ToMeConfig(r=schedule)).total_macs
+
+    low, high = 0.0, float(max_r) / decay ** (num_layers - 1)  # high: every layer merges all it can
+    if macs_of(high) > target_macs:
+        raise ValueError(f"MACs target {target:.4g} is out of reach with decay={decay} for this model: the most "
+                         f"merging gives {macs_of(high) / full.total_macs:.4f} of the full model's MACs")
+    if macs_of(low) <= target_macs:
+        return decaying_schedule(low, decay, num_layers)
+    while high - low > 1e-6 * max(1.0, high):
+        middle = (low + high) / 2
+        if macs_of(middle) > target_macs:
+            low = middle
+        else:
+            high = middle
+    return decaying_schedule(high, decay, num_layers)
 
 
 def constant_r_for_reductions(model: nn.Module, reductions: Sequence[float],

@@ -1,0 +1,175 @@
+"""Decaying merge schedules against constant r at equal MACs, with ToMe's mean and with MLERP (issue 19).
+
+For each MACs reduction (default 1.5x and 2x) the constant r that reaches it is found once
+(``constant_r_for_reductions``); its MACs are the target every row of that reduction meets or undercuts. A decaying
+schedule merges about ``scale * decay ** i`` tokens in layer ``i`` (``hf_tome.core.schedule.decaying_schedule``),
+with ``scale`` fitted to the target (``hf_tome.integration.flops.decaying_r_for_macs``).
+
+1. **Selection, on training images.** Every ``--decays`` value (1.0 is constant r) runs with MLERP on
+   ``--select-images`` Fashion-MNIST *training* images from index ``--select-start`` (far past the images the
+   embedded model's head was fitted on), and the most accurate decay is chosen per reduction (ties: the larger
+   decay, i.e. the flatter schedule). No test image takes part in the choice.
+2. **Test, on all 10,000 test images.** The unreduced model; then per reduction ToMe's constant r as published
+   (mean), constant r with MLERP, and the chosen decay with the mean and with MLERP, so the schedule's and MLERP's
+   shares of the gain can be told apart. Images/s are those of the same test passes (the first batch is a warm-up),
+   compared with constant-r ToMe at the same target.
+
+Writes ``--out`` (JSON) and a plot of test accuracy against GMACs.
+
+    python benchmarks/decaying_schedule.py --threads 2                 # the README's run (about 25 minutes here)
+    python benchmarks/decaying_schedule.py --limit 256 --select-images 128 --out /tmp/d.json --plot /tmp/d.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from allocator_option import add_allocator_option, apply_allocator_option
+from merge_rules import _evaluate, split_batches
+
+import hf_tome
+from hf_tome.evaluation.classification import resolve_dtype
+from hf_tome.evaluation.reporting import machine_info
+from hf_tome.integration.flops import constant_r_for_reductions, decaying_r_for_macs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="image classifier folder (default: embedded model)")
+    parser.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0],
+                        help="MACs reductions; each is met at the MACs of the constant r that reaches it")
+    parser.add_argument("--decays", type=float, nargs="+", default=[0.8, 0.85, 0.9, 1.0],
+                        help="decays tried on the training images (1.0: constant r)")
+    parser.add_argument("--select-images", type=int, default=2000, help="training images for choosing the decay")
+    parser.add_argument("--select-start", type=int, default=40000,
+                        help="first training image used for the choice (the head was fitted on the first ones)")
+    parser.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    add_allocator_option(parser, "forwards then page-fault in fresh memory, which slows every row")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/decaying_schedule.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks/plots/decaying_schedule.png")
+    args = parser.parse_args(argv)
+    bad = [decay for decay in args.decays if not 0.0 < decay <= 1.0]
+    if bad:
+        parser.error(f"--decays {bad} are invalid: expected factors in (0, 1]")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kept_freed_memory = apply_allocator_option(args)
+    from transformers import AutoImageProcessor
+
+    if args.model is None:
+        from hf_tome.evaluation.assets.default_model import default_model_path
+
+        args.model = default_model_path()
+    device = torch.device("cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    model = hf_tome.AutoModelForImageClassification.from_pretrained(args.model).eval()
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    start = time.perf_counter()
+    select = split_batches(processor, "train", args.select_start, args.select_start + args.select_images,
+                           args.batch_size, dtype)
+    test = split_batches(processor, "test", 0, args.limit, args.batch_size, dtype)
+    constant_r = constant_r_for_reductions(model, args.speedups)
+    full_macs = hf_tome.compute_report(model, config=hf_tome.ToMeConfig(r=0)).total_macs
+
+    selections = []
+    for speedup, r in constant_r.items():
+        target = hf_tome.compute_report(model, config=hf_tome.ToMeConfig(r=r)).total_macs
+        tried = []
+        for decay in sorted(args.decays, reverse=True):  # flattest first: a tie keeps the flatter schedule
+            schedule = r if decay == 1.0 else decaying_r_for_macs(model, target, decay)
+            hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode="mlerp"))
+            accuracy, _ = _evaluate(model, select, device, dtype, f"select {speedup:g}x decay={decay:g}")
+            tried.append({"decay": decay, "schedule": schedule, "gmacs": hf_tome.compute_report(model).gmacs,
+                          "select_accuracy": accuracy})
+            print(f"select {speedup:g}x  decay {decay:4.2f}  {schedule}  accuracy {100 * accuracy:6.2f}%")
+        best = max(tried, key=lambda row: row["select_accuracy"])  # max keeps the first of equals
+        selections.append({"speedup": speedup, "constant_r": r, "target_gmacs": target / 1e9, "tried": tried,
+                           "chosen_decay": best["decay"], "chosen_schedule": best["schedule"]})
+
+    rows = []
+
+    def run(name: str, schedule: int | list[int], mode: str, speedup: float | None) -> None:
+        hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode=mode))
+        accuracy, images_per_s = _evaluate(model, test, device, dtype, name)
+        report = hf_tome.compute_report(model)
+        rows.append({"setting": name, "speedup_target": speedup, "r": schedule, "merge_mode": mode,
+                     "gmacs": report.gmacs, "macs_fraction": report.total_macs / full_macs,
+                     "tokens_per_layer": report.tokens_in, "accuracy": accuracy, "images_per_s": images_per_s})
+        print(f"{name:34s} GMACs {report.gmacs:6.3f}  accuracy {100 * accuracy:6.2f}%  {images_per_s:7.1f} img/s")
+
+    run("unreduced", 0, "mean", None)
+    for selection in selections:
+        speedup, r, decay = selection["speedup"], selection["constant_r"], selection["chosen_decay"]
+        run(f"ToMe r={r}", r, "mean", speedup)
+        run(f"ToMe r={r}, MLERP", r, "mlerp", speedup)
+        if decay != 1.0:  # 1.0 is the constant schedule, already above
+            run(f"decay {decay:g}", selection["chosen_schedule"], "mean", speedup)
+            run(f"decay {decay:g}, MLERP", selection["chosen_schedule"], "mlerp", speedup)
+    hf_tome.remove(model)
+    base = rows[0]
+    for row in rows:
+        row["accuracy_drop_points"] = 100 * (base["accuracy"] - row["accuracy"])
+        tome = next((other for other in rows if other["speedup_target"] == row["speedup_target"]
+                     and other["setting"].startswith("ToMe") and other["merge_mode"] == "mean"), None)
+        row["images_per_s_vs_tome"] = None if tome is None else row["images_per_s"] / tome["images_per_s"]
+    _print_table(rows)
+    num_images = sum(len(labels) for _, labels in test)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "model": args.model.name, "dtype": str(dtype), "threads": torch.get_num_threads(),
+        "keep_freed_memory": kept_freed_memory, "batch_size": args.batch_size, "num_test_images": num_images,
+        "select_split": "train", "select_start": args.select_start, "select_images": args.select_images,
+        "selections": selections, "rows": rows, "seconds": time.perf_counter() - start, "machine": machine_info(),
+    }, indent=2))
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    _plot(rows, args.plot, f"{args.model.name}: {num_images} test images, {dtype}")
+    print(f"wrote {args.out}")
+
+
+def _print_table(rows: list[dict]) -> None:
+    print("\n| setting | GMACs | MACs | accuracy | drop (points) | images/s | vs ToMe images/s |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        versus = "-" if row["images_per_s_vs_tome"] is None else f"{row['images_per_s_vs_tome']:.2f}x"
+        print(f"| {row['setting']} | {row['gmacs']:.3f} | {100 * row['macs_fraction']:.1f}% | "
+              f"{100 * row['accuracy']:.2f}% | {row['accuracy_drop_points']:.2f} | {row['images_per_s']:.1f} | "
+              f"{versus} |")
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    base = rows[0]
+    series = {"ToMe (constant r, mean)": ("ToMe", "mean"), "constant r, MLERP": ("ToMe", "mlerp"),
+              "decaying, mean": ("decay", "mean"), "decaying, MLERP": ("decay", "mlerp")}
+    for label, (prefix, mode) in series.items():
+        points = sorted([(base["gmacs"], 100 * base["accuracy"])]
+                        + [(row["gmacs"], 100 * row["accuracy"]) for row in rows
+                           if row["setting"].startswith(prefix) and row["merge_mode"] == mode])
+        if len(points) > 1:
+            axis.plot(*zip(*points, strict=True), marker="o", label=label)
+    axis.set_xlabel("GMACs per image")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
