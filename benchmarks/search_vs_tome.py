@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--protect-block-0", action="store_true", help="never compress block 0 (the old rule)")
     parser.add_argument("--tome-seeds", type=float, nargs="*", default=[0.0, -0.5, 0.5], metavar="INFLECT",
                         help="ToMe schedules seeded into the last stage (alone: none)")
+    parser.add_argument("--tome-decays", type=float, nargs="*", default=[0.8, 0.85, 0.9], metavar="DECAY",
+                        help="decaying ToMe schedules seeded into the last stage (alone: none)")
     parser.add_argument("--shaped", type=float, default=0.75, help="fraction of ToMe-like shaped candidates")
     parser.add_argument("--targets-at-tome-r", type=int, nargs="+", default=[12, 18], metavar="R",
                         help="use the MACs of constant-r ToMe with these r as the targets (the same MACs exactly)")
@@ -137,6 +139,7 @@ def main() -> None:
                                 shaped=args.shaped, merge_matches=args.merge_matches,
                                 merge_rule=args.merge_rule, merge_mode=args.merge_mode,
                                 protect_block_0=args.protect_block_0, tome_seeds=args.tome_seeds,
+                                tome_decays=args.tome_decays,
                                 batch_size=args.batch_size, dtype=args.dtype, out=args.search_out or _cache_folder(),
                                 baseline=False, **given)
         search_payload = run_search(options)

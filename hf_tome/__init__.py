@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from hf_tome.core.ops import unmerge
     from hf_tome.core.plan import ReductionPlan
     from hf_tome.integration.encoder import TokenMergeOutput
-    from hf_tome.integration.flops import ComputeReport, block_macs, compute_report
+    from hf_tome.integration.flops import ComputeReport, block_macs, compute_report, decaying_r_for_macs
     from hf_tome.integration.loading import (
         AutoModel,
         AutoModelForAudioClassification,
@@ -51,6 +51,7 @@ __all__ = [
     "block_macs",
     "build_plan",
     "compute_report",
+    "decaying_r_for_macs",
     "is_patched",
     "keep_freed_memory",
     "remove",
@@ -73,6 +74,7 @@ _ORIGINS = {
     "block_macs": "integration.flops",
     "build_plan": "integration.patch",
     "compute_report": "integration.flops",
+    "decaying_r_for_macs": "integration.flops",
     "is_patched": "integration.patch",
     "keep_freed_memory": "core.allocator",
     "remove": "integration.patch",

@@ -8,6 +8,11 @@ shared model is never re-patched per request. Spec strings (``hf-tome serve --bu
 - ``full=r:0``          no merging (identical to the unpatched model)
 - ``fast=r:16``         constant r; ``r:16,-1`` adds an inflection (decreasing schedule)
 - ``half=macs:0.5``     the smallest constant r whose MACs are at most half the unmerged model's
+
+Options follow as ``,key=value``: ``mode=mlerp`` (``ToMeConfig.merge_mode``), ``rule=pitome``
+(``ToMeConfig.merge_rule``) and, for ``macs:`` only, ``decay=0.85``: the decaying schedule with the most MACs under
+the fraction (``hf_tome.decaying_r_for_macs``) instead of constant r. For example
+``half=macs:0.5,decay=0.85,mode=mlerp``. The token counts, and so batching, are fixed by the schedule alone.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 from torch import nn
 
 import hf_tome
-from hf_tome.integration.flops import constant_r_for_reductions
+from hf_tome.config import MERGE_MODES, MERGE_RULES
+from hf_tome.integration.flops import constant_r_for_reductions, decaying_r_for_macs
 
 DEFAULT_BUDGET_SPECS = ("full=r:0", "half=macs:0.5")
 
@@ -35,30 +41,61 @@ class Budget:
     plan: hf_tome.ReductionPlan
 
     def summary(self) -> dict:
-        return {"name": self.name, "spec": self.spec, "r": self.config.r, "inflect": self.config.inflect,
+        r = self.config.r if isinstance(self.config.r, int) else list(self.config.r)
+        return {"name": self.name, "spec": self.spec, "r": r, "inflect": self.config.inflect,
+                "merge_rule": self.config.merge_rule, "merge_mode": self.config.merge_mode,
                 "tokens_per_layer": self.tokens_per_layer, "gmacs": round(self.gmacs, 4)}
+
+
+_OPTIONS = {"mode": ("merge_mode", MERGE_MODES), "rule": ("merge_rule", MERGE_RULES)}
+
+
+def _options(parts: list[str], spec: str) -> tuple[list[str], dict[str, str]]:
+    """Split a spec's comma-separated parts into its positional values and its ``key=value`` options."""
+    positional, options = [], {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep:
+            positional.append(part)
+            continue
+        if key not in (*_OPTIONS, "decay") or key in options:
+            raise ValueError(f"budget spec {spec!r} is invalid: option {key!r} is unknown or given twice; expected "
+                             "mode=, rule= or (with macs:) decay=, each at most once")
+        allowed = _OPTIONS.get(key, (None, None))[1]
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"budget spec {spec!r} is invalid: {key}={value!r}, expected one of {list(allowed)}")
+        options[key] = value
+    return positional, options
 
 
 def _config_from_spec(model: nn.Module, spec: str, image_size: tuple[int, int] | None) -> hf_tome.ToMeConfig:
     kind, _, value = spec.partition(":")
+    positional, options = _options([part.strip() for part in value.split(",")], spec)
+    merge = {_OPTIONS[key][0]: options[key] for key in _OPTIONS if key in options}
     try:
-        if kind == "r":
-            parts = [part.strip() for part in value.split(",")]
-            if len(parts) not in (1, 2) or not parts[0]:
+        if kind == "r" and "decay" not in options:
+            if len(positional) not in (1, 2) or not positional[0]:
                 raise ValueError
-            inflect = float(parts[1]) if len(parts) == 2 else 0.0
-            return hf_tome.ToMeConfig(r=int(parts[0]), inflect=inflect)
-        if kind == "macs":
-            fraction = float(value)
+            inflect = float(positional[1]) if len(positional) == 2 else 0.0
+            return hf_tome.ToMeConfig(r=int(positional[0]), inflect=inflect, **merge)
+        if kind == "macs" and len(positional) == 1:
+            fraction = float(positional[0])
             if not 0.0 < fraction <= 1.0:
                 raise ValueError
+            if "decay" in options:
+                decay = float(options["decay"])
+                if not 0.0 < decay <= 1.0:
+                    raise ValueError
+                return hf_tome.ToMeConfig(r=decaying_r_for_macs(model, fraction, decay, image_size=image_size),
+                                          **merge)
             r = constant_r_for_reductions(model, [1.0 / fraction], image_size)[1.0 / fraction]
-            return hf_tome.ToMeConfig(r=r)
+            return hf_tome.ToMeConfig(r=r, **merge)
     except ValueError as error:
-        if str(error).startswith("MACs reduction"):
+        if str(error).startswith("MACs "):  # out of reach: that message names the value already
             raise
     raise ValueError(f"budget spec {spec!r} is invalid: expected 'r:<int>', 'r:<int>,<inflect>' or "
-                     f"'macs:<fraction in (0, 1]>'")
+                     f"'macs:<fraction in (0, 1]>', then optionally ',mode=<{'|'.join(MERGE_MODES)}>', "
+                     f"',rule=<{'|'.join(MERGE_RULES)}>' or (macs: only) ',decay=<factor in (0, 1]>'")
 
 
 def parse_budgets(model: nn.Module, specs: list[str] | tuple[str, ...],

@@ -112,12 +112,13 @@ def test_every_option_has_help_showing_its_default_once():
             expected = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
             assert text.endswith(f"(default: {expected})"), f"{name} {action.option_strings[0]}: {text!r}"
             shown += 1
-    assert shown == 132  # bench 5 + export 3 + (serve 15 + search 21 + compress 26) twice: as hf-tome X and python -m
+    assert shown == 134  # bench 5 + export 3 + (serve 15 + search 22 + compress 26) twice: as hf-tome X and python -m
 
 
 @pytest.mark.parametrize("command, option, expected", [
     ("search", "--strategy", "(default: halving)"),
     ("search", "--tome-seeds", "(default: 0.0 -0.5 0.5)"),
+    ("search", "--tome-decays", "(default: 0.8 0.85 0.9)"),
     ("search", "--targets", "(default: 0.7 0.55)"),
     ("search", "--stage-images", "staged, 64 256 1024)"),
     ("search", "--split", "(default: train)"),
@@ -221,7 +222,7 @@ def test_public_names_load_on_first_use():
     import hf_tome.integration.loading
     import hf_tome.integration.patch
 
-    assert hf_tome.__all__ == sorted(hf_tome.__all__) and len(hf_tome.__all__) == 18
+    assert hf_tome.__all__ == sorted(hf_tome.__all__) and len(hf_tome.__all__) == 19
     assert set(hf_tome.__all__) == set(hf_tome._ORIGINS) and set(hf_tome.__all__) <= set(dir(hf_tome))
     assert hf_tome.apply is hf_tome.integration.patch.apply
     assert hf_tome.AutoModelForImageClassification is hf_tome.integration.loading.AutoModelForImageClassification

@@ -59,6 +59,8 @@ def test_decay_one_is_constant_r_and_reachable_edges() -> None:
     with pytest.raises(ValueError, match=r"^MACs target 0\.01 is out of reach with decay=0\.8 for this model: the "
                                          r"most merging gives 0\.\d{4} of the full model's MACs$"):
         decaying_r_for_macs(model, 0.01, 0.8)
+    with pytest.raises(ValueError, match=r"^decay=0 is invalid: expected a factor in \(0, 1\]$"):
+        decaying_r_for_macs(model, 0.5, 0)
 
 
 def test_a_decaying_schedule_runs_with_the_reported_token_counts() -> None:

@@ -18,7 +18,7 @@ from hf_tome.budgets.options import SearchOptions, halving_stages, resolve_sched
 from hf_tome.budgets.search_estimate import estimate_search
 from hf_tome.budgets.search_space import Candidate, SearchSpace, sample_candidates, tome_seeds
 from hf_tome.integration.budget_table import table_full_gflops
-from hf_tome.integration.flops import constant_r_for_macs
+from hf_tome.integration.flops import constant_r_for_macs, decaying_r_for_macs
 from hf_tome.integration.registry import find_adapter
 
 
@@ -99,6 +99,33 @@ def test_tome_seeds_sit_at_the_targets_macs_with_constant_r_for_macs():
             assert seed.gmacs == pytest.approx(report.gmacs)
     assert any(c.origin == "tome r=5" and c.target == 2 for c in seeds)
     assert len({c.setting for c in candidates}) == len(candidates)
+
+
+def test_decaying_seeds_are_the_library_schedules_at_each_target():
+    model = make_model("vit-cls")
+    space = _space(model)
+    targets = [0.8 * space.full_gmacs, 0.5 * space.full_gmacs]
+    seeds = [c for c in tome_seeds(space, targets, [], [0.7, 0.85]) if c.origin.startswith("tome decay")]
+    assert {(c.origin, c.target) for c in seeds} == {(f"tome decay={d:g}", t) for d in (0.7, 0.85) for t in (0, 1)}
+    for seed in seeds:
+        decay = float(seed.origin.split("=")[1])
+        schedule = decaying_r_for_macs(model, targets[seed.target] * 1e9 * (1 + 1e-9), decay)
+        counts = hf_tome.compute_report(model, config=hf_tome.ToMeConfig(r=schedule))
+        assert seed.is_tome_seed and seed.merge_match == "bipartite"
+        assert list(seed.merge_kept) == counts.tokens_out and list(seed.prune_kept) == counts.tokens_in
+        assert seed.gmacs == pytest.approx(counts.gmacs) and seed.gmacs <= targets[seed.target] * (1 + 1e-9)
+        assert seed.merge_kept[0] < 65 and (65 - seed.merge_kept[0]) > (seed.prune_kept[-1] - seed.merge_kept[-1])
+    candidates = sample_candidates(space, targets, 10, seed=0, tome_inflects=[0.0], tome_decays=[0.85])
+    assert [c.origin for c in candidates if c.is_tome_seed] == [c.origin for c in tome_seeds(space, targets, [0.0],
+                                                                                                [0.85])]
+    protected = tome_seeds(_space(model, protect_block_0=True), [0.6 * space.full_gmacs], [], [0.85])
+    assert protected[0].merge_kept[0] == 65 and protected[0].merge_kept[1] < 65
+
+
+@pytest.mark.parametrize("decays", [[0.0], [1.2, 0.8]])
+def test_bad_tome_decays_are_refused(decays):
+    with pytest.raises(ValueError, match=r"^tome_decays=\[.*\] are invalid: expected factors in \(0, 1\]$"):
+        resolve_schedule(SearchOptions(tome_decays=decays), 2)
 
 
 def test_protected_seeds_leave_block0_alone():

@@ -29,6 +29,7 @@ from test_server_fuzz import LEAK, LIMITS, as_json, call, make_guard
 
 import hf_tome
 from hf_tome.core.schedule import merge_schedule
+from hf_tome.integration.flops import decaying_r_for_macs
 from hf_tome.integration.registry import find_adapter
 
 
@@ -71,6 +72,38 @@ def test_bad_budget_specs_name_the_value(spec: str, message: str) -> None:
         parse_budgets(make_model("vit-cls"), [spec])
 
 
+def test_budget_options_set_the_merge_mode_rule_and_a_decaying_schedule() -> None:
+    model = make_model("vit-cls")
+    budgets = parse_budgets(model, ["soft=macs:0.5,decay=0.85,mode=mlerp", "odd=r:4,-1,rule=pitome,mode=mlerp",
+                                    "flat=macs:0.5,mode=mlerp"])
+    soft, odd, flat = budgets["soft"], budgets["odd"], budgets["flat"]
+    assert soft.config == hf_tome.ToMeConfig(r=decaying_r_for_macs(model, 0.5, 0.85), merge_mode="mlerp")
+    assert soft.gmacs <= parse_budgets(model, ["full=r:0"])["full"].gmacs / 2
+    assert soft.plan.layer_r[0] > soft.plan.layer_r[-1] and soft.plan.merge_mode == "mlerp"
+    assert odd.config == hf_tome.ToMeConfig(r=4, inflect=-1.0, merge_rule="pitome", merge_mode="mlerp")
+    assert odd.summary()["merge_rule"] == "pitome" and odd.summary()["merge_mode"] == "mlerp"
+    assert soft.summary()["r"] == list(soft.config.r) and json.dumps(soft.summary())  # JSON-ready for /info
+    assert flat.config == hf_tome.ToMeConfig(r=parse_budgets(model, ["h=macs:0.5"])["h"].config.r, merge_mode="mlerp")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("x=r:4,mode=max", r"^budget spec 'r:4,mode=max' is invalid: mode='max', expected one of \['mean', 'mlerp'\]$"),
+    ("x=r:4,rule=greedy", r"^budget spec 'r:4,rule=greedy' is invalid: rule='greedy', expected one of "
+                          r"\['bipartite', 'pitome'\]$"),
+    ("x=macs:0.5,speed=2", r"^budget spec 'macs:0.5,speed=2' is invalid: option 'speed' is unknown or given twice"),
+    ("x=macs:0.5,mode=mlerp,mode=mean", r"option 'mode' is unknown or given twice"),
+    ("x=r:4,decay=0.8", r"^budget spec 'r:4,decay=0.8' is invalid: expected 'r:<int>', 'r:<int>,<inflect>' or "
+                        r"'macs:<fraction in \(0, 1\]>', then optionally ',mode=<mean\|mlerp>'"),
+    ("x=macs:0.5,decay=1.5", r"^budget spec 'macs:0.5,decay=1.5' is invalid: expected"),
+    ("x=macs:0.5,decay=abc", r"^budget spec 'macs:0.5,decay=abc' is invalid: expected"),
+    ("x=macs:0.5,0.3", r"^budget spec 'macs:0.5,0.3' is invalid: expected"),
+    ("x=macs:0.001,decay=0.8", r"^MACs target 0.001 is out of reach with decay=0.8"),
+])
+def test_bad_budget_options_name_the_value(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_budgets(make_model("vit-cls"), [spec])
+
+
 def test_duplicate_budget_names_are_refused() -> None:
     with pytest.raises(ValueError, match=r"budget name 'a' is given twice"):
         parse_budgets(make_model("vit-cls"), ["a=r:0", "a=r:2"])
@@ -101,7 +134,7 @@ def test_metrics_snapshot_counts_batches_and_percentiles() -> None:
 
 # The inference API in process (no HTTP): what predict does with a batch.
 
-SERVED_BUDGETS = ["full=r:0", "fast=r:6", "pruned=r:3,-1"]
+SERVED_BUDGETS = ["full=r:0", "fast=r:6", "pruned=r:3,-1", "soft=macs:0.6,decay=0.8,mode=mlerp"]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +178,9 @@ def _library_top(folder, config: hf_tome.ToMeConfig, image: bytes, k: int) -> tu
 
 
 CONFIGS = {"full": hf_tome.ToMeConfig(r=0), "fast": hf_tome.ToMeConfig(r=6),
-           "pruned": hf_tome.ToMeConfig(r=3, inflect=-1.0)}  # what SERVED_BUDGETS mean
+           "pruned": hf_tome.ToMeConfig(r=3, inflect=-1.0),
+           "soft": hf_tome.ToMeConfig(r=decaying_r_for_macs(make_model("vit-cls"), 0.6, 0.8), merge_mode="mlerp"),
+           }  # what SERVED_BUDGETS mean
 
 
 def _without_timing(outputs: list[dict]) -> list[dict]:
@@ -155,7 +190,7 @@ def _without_timing(outputs: list[dict]) -> list[dict]:
 def test_one_batch_mixing_budgets_answers_each_request_as_the_library(model_folder) -> None:
     api = _api(model_folder)
     assert {name: budget.config for name, budget in api.budgets.items()} == CONFIGS
-    order = ["fast", "full", "pruned", "fast", "full", "fast"]
+    order = ["fast", "full", "pruned", "soft", "fast", "full", "soft", "fast"]
     outputs = api.predict(_requests(api, order))
     assert [output["budget"]["name"] for output in outputs] == order
     assert [output["batch_size"] for output in outputs] == [order.count(name) for name in order]
@@ -169,7 +204,7 @@ def test_one_batch_mixing_budgets_answers_each_request_as_the_library(model_fold
     alone = {name: [entry["score"] for entry in api.predict(_requests(api, [name]))[0]["labels"]]
              for name in CONFIGS}
     np.testing.assert_allclose(alone["fast"], [entry["score"] for entry in outputs[0]["labels"]], atol=1e-6)
-    for one, other in [("full", "fast"), ("full", "pruned"), ("fast", "pruned")]:
+    for one, other in [("full", "fast"), ("full", "pruned"), ("fast", "pruned"), ("full", "soft"), ("fast", "soft")]:
         assert np.abs(np.subtract(alone[one], alone[other])).max() > 1e-5  # well above the 1e-6 tolerance
 
 

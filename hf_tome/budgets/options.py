@@ -34,6 +34,7 @@ class SearchOptions:
     finalists: int = 2
     protect_block_0: bool = False
     tome_seeds: list[float] = field(default_factory=lambda: [0.0, -0.5, 0.5])
+    tome_decays: list[float] = field(default_factory=lambda: [0.8, 0.85, 0.9])
     shaped: float = 0.75
     merge_matches: list[str] = field(default_factory=lambda: list(MERGE_MATCHES))
     merge_rule: str | None = None
@@ -97,6 +98,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add ToMe's own schedule (bipartite merging, block 0 included) at every target for "
                         "each inflect (0: constant r); they join the last stage, so the chosen row is at least as "
                         "good as the best of them on the search images. Give the option alone for none")
+    parser.add_argument("--tome-decays", type=float, nargs="*", default=defaults.tome_decays, metavar="DECAY",
+                        help="also seed the last stage with ToMe's matching on a geometrically decaying schedule "
+                        "(layer i merges about scale * DECAY**i tokens, scale fitted to each target), one per decay "
+                        "in (0, 1]. Give the option alone for none")
     parser.add_argument("--shaped", type=float, default=defaults.shaped, help="fraction of the random candidates "
                         "drawn with ToMe-like shapes and small prune shares (the rest: any non-increasing profile)")
     parser.add_argument("--merge-matches", nargs="+", choices=list(MERGE_MATCHES), default=defaults.merge_matches,
@@ -158,6 +163,9 @@ def resolve_schedule(options: SearchOptions, num_targets: int) -> tuple[list[int
         per_target = math.ceil(options.finalists / keep ** (len(stages) - 1) - 1e-9)
         candidates = options.candidates or per_target * num_targets
     stages = sorted({min(count, options.search_images) for count in stages})
+    bad_decays = [decay for decay in options.tome_decays if not 0 < decay <= 1]
+    if bad_decays:
+        raise ValueError(f"tome_decays={bad_decays} are invalid: expected factors in (0, 1]")
     if not 0 < keep <= 1:
         raise ValueError(f"keep={keep} is invalid: expected a fraction in (0, 1]")
     return stages, keep, candidates

@@ -5,7 +5,7 @@ Pure Python: the same numbers drive the forward pass, the FLOPs accounting and t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def merge_schedule(r: int | Sequence[int], num_layers: int, inflect: float = 0.0) -> list[int]:
@@ -40,6 +40,24 @@ def decaying_schedule(scale: float, decay: float, num_layers: int) -> list[int]:
     if scale < 0:
         raise ValueError(f"scale={scale!r} is invalid: expected a number of tokens >= 0")
     return [int(round(scale * decay**layer)) for layer in range(num_layers)]
+
+
+def smallest_scale_within(cost_of: Callable[[float], float], target: float, high: float) -> float | None:
+    """The smallest ``scale`` in [0, ``high``] (to a relative 1e-6) whose ``cost_of(scale) <= target``, for a cost
+    that never rises as the scale grows (such as the MACs of :func:`decaying_schedule`); None when even ``high``
+    costs more."""
+    if cost_of(high) > target:
+        return None
+    low = 0.0
+    if cost_of(low) <= target:
+        return low
+    while high - low > 1e-6 * max(1.0, high):
+        middle = (low + high) / 2
+        if cost_of(middle) > target:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def clamp_r(r: int, num_tokens: int, protected: int) -> int:

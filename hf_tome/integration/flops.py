@@ -14,7 +14,7 @@ from torch import nn
 from hf_tome.config import ToMeConfig
 from hf_tome.core.macs import ComputeReport, block_macs, encoder_report, nearest_r
 from hf_tome.core.plan import ReductionPlan
-from hf_tome.core.schedule import decaying_schedule, kept_tokens_per_layer, tokens_per_layer
+from hf_tome.core.schedule import decaying_schedule, kept_tokens_per_layer, smallest_scale_within, tokens_per_layer
 from hf_tome.integration.patch import build_plan
 from hf_tome.integration.registry import find_adapter, slim_layers, unwrap_compiled
 
@@ -90,25 +90,19 @@ def decaying_r_for_macs(model: nn.Module, target: float, decay: float, *,
     model = unwrap_compiled(model)
     full = compute_report(model, image_size, config=ToMeConfig(r=0))
     num_layers, max_r = len(full.tokens_in), full.tokens_in[0]
+    decaying_schedule(0.0, decay, num_layers)  # refuses a decay outside (0, 1] before it is divided by
     target_macs = target * full.total_macs if target <= 1 else target
 
     def macs_of(scale: float) -> int:
         schedule = decaying_schedule(scale, decay, num_layers)
         return compute_report(model, image_size, config=ToMeConfig(r=schedule)).total_macs
 
-    low, high = 0.0, float(max_r) / decay ** (num_layers - 1)  # high: every layer merges all it can
-    if macs_of(high) > target_macs:
+    high = float(max_r) / decay ** (num_layers - 1)  # every layer merges all it can
+    scale = smallest_scale_within(macs_of, target_macs, high)
+    if scale is None:
         raise ValueError(f"MACs target {target:.4g} is out of reach with decay={decay} for this model: the most "
                          f"merging gives {macs_of(high) / full.total_macs:.4f} of the full model's MACs")
-    if macs_of(low) <= target_macs:
-        return decaying_schedule(low, decay, num_layers)
-    while high - low > 1e-6 * max(1.0, high):
-        middle = (low + high) / 2
-        if macs_of(middle) > target_macs:
-            low = middle
-        else:
-            high = middle
-    return decaying_schedule(high, decay, num_layers)
+    return decaying_schedule(scale, decay, num_layers)
 
 
 def constant_r_for_reductions(model: nn.Module, reductions: Sequence[float],
