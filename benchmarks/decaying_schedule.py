@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from allocator_option import add_allocator_option, apply_allocator_option
-from merge_rules import _evaluate, split_batches
+from merge_rules import _evaluate, plot_accuracy_curves, split_batches
 
 import hf_tome
 from hf_tome.evaluation.classification import resolve_dtype
@@ -146,29 +146,14 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
     base = rows[0]
     series = {"ToMe (constant r, mean)": ("ToMe", "mean"), "constant r, MLERP": ("ToMe", "mlerp"),
               "decaying, mean": ("decay", "mean"), "decaying, MLERP": ("decay", "mlerp")}
-    for label, (prefix, mode) in series.items():
-        points = sorted([(base["gmacs"], 100 * base["accuracy"])]
-                        + [(row["gmacs"], 100 * row["accuracy"]) for row in rows
-                           if row["setting"].startswith(prefix) and row["merge_mode"] == mode])
-        if len(points) > 1:
-            axis.plot(*zip(*points, strict=True), marker="o", label=label)
-    axis.set_xlabel("GMACs per image")
-    axis.set_ylabel("test accuracy (%)")
-    axis.set_title(title, fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    curves = {label: sorted([(base["gmacs"], 100 * base["accuracy"])]
+                            + [(row["gmacs"], 100 * row["accuracy"]) for row in rows
+                               if row["setting"].startswith(prefix) and row["merge_mode"] == mode])
+              for label, (prefix, mode) in series.items()}
+    plot_accuracy_curves(curves, path, title)
 
 
 if __name__ == "__main__":

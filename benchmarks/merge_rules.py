@@ -160,16 +160,22 @@ def _evaluate(model: torch.nn.Module, batches: list, device: torch.device, dtype
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
+    curves = {name: sorted((row["gmacs"], 100 * row["accuracy"]) for row in rows
+                           if row["rule"] in (name, "unreduced")) for name in RULES}
+    plot_accuracy_curves(curves, path, title)
+
+
+def plot_accuracy_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+    """Test accuracy (%) against GMACs per image, one line per label (curves of a single point are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for name in ["unreduced", *RULES]:
-        points = sorted((row["gmacs"], 100 * row["accuracy"]) for row in rows if row["rule"] in (name, "unreduced"))
-        if name != "unreduced" and len(points) > 1:
-            axis.plot(*zip(*points, strict=True), marker="o", label=name)
+    for label, points in curves.items():
+        if len(points) > 1:
+            axis.plot(*zip(*points, strict=True), marker="o", label=label)
     axis.set_xlabel("GMACs per image")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title(title, fontsize=9)
