@@ -43,8 +43,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local folder or Hub id (default: the embedded default model)")
     # append to None, not to a list default: argparse would add the given budgets to the default ones
     parser.add_argument("--budget", dest="budgets", action="append", default=None,
-                        help="name=spec, repeatable; spec is r:<int>[,<inflect>] or macs:<fraction>; the first is "
-                             f"the default budget (default: {' '.join(SERVE_BUDGETS)})")
+                        help="name=spec, repeatable; spec is r:<int>[,<inflect>] or macs:<fraction>, then optionally "
+                             ",mode=mlerp, ,rule=pitome or (macs: only) ,decay=<factor>, e.g. "
+                             "half=macs:0.5,decay=0.85,mode=mlerp; the first is the default budget "
+                             f"(default: {' '.join(SERVE_BUDGETS)})")
     parser.add_argument("--max-batch-size", type=int, default=16, help="largest dynamic batch; 1 turns batching off")
     parser.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait to fill a batch")
     parser.add_argument("--device", default="auto", choices=SERVE_DEVICES,
