@@ -78,7 +78,8 @@ def test_the_search_prints_its_estimate_first_and_runs_the_passes_it_counted(tin
     search.main(["--model", str(model_dir), "--dataset", str(data_dir), "--targets", "0.8", "0.6", "--candidates", "6",
                  "--search-images", "16", "--val-images", "8", "--stage-images", "8", "16", "--keep", "0.5",
                  "--batch-size", "4", "--dtype", "float32", "--out", str(tmp_path / "out"), "--no-baseline",
-                 "--protect-block-0", "--tome-seeds"])  # the earlier search: every candidate replays block 0
+                 "--protect-block-0", "--tome-seeds", "--tome-decays"])  # the earlier search: no seeds, and every
+    # candidate replays block 0
     err = capsys.readouterr().err
     pattern = (r"estimated search time: (<1 s|~\d+ s) \(30 forward passes of up to 4 images on cpu: 6 candidates x 2 "
                r"passes \(8 images\), 4 x 4 \(16 images\), and 2 uncompressed reference passes; [0-9.e-]+ s per pass "
