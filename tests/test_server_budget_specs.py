@@ -1,0 +1,91 @@
+"""Budget specs of the server (``name=spec[,options]``): token counts, MACs, plans and the refusals, without a
+server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_model
+from hf_tome_server.budgets import parse_budgets
+
+import hf_tome
+from hf_tome.core.schedule import merge_schedule
+from hf_tome.integration.flops import decaying_r_for_macs
+from hf_tome.integration.registry import find_adapter
+
+
+def test_budgets_fix_tokens_per_layer_and_macs() -> None:
+    model = make_model("vit-cls")
+    budgets = parse_budgets(model, ["full=r:0", "fast=r:4", "dec=r:4,-1", "half=macs:0.5"])
+    assert list(budgets) == ["full", "fast", "dec", "half"]
+    assert not hf_tome.is_patched(model)
+    assert budgets["full"].tokens_per_layer == [65, 65, 65, 65]
+    assert budgets["fast"].tokens_per_layer == [65, 61, 57, 53]
+    assert budgets["dec"].config.inflect == -1.0
+    assert budgets["half"].gmacs <= budgets["full"].gmacs / 2
+    smaller_r = hf_tome.ToMeConfig(r=budgets["half"].config.r - 1)
+    assert hf_tome.compute_report(hf_tome.apply(model, smaller_r)).gmacs > budgets["full"].gmacs / 2
+
+
+def test_each_budget_carries_its_plan_and_leaves_the_model_as_it_was() -> None:
+    model = hf_tome.apply(make_model("vit-cls"), r=3)
+    default_plan = find_adapter(model).loop_module(model)._tome_plan
+    budgets = parse_budgets(model, ["full=r:0", "fast=r:4", "dec=r:4,-1", "half=macs:0.5"])
+    assert hf_tome.is_patched(model) and model.config.tome["r"] == 3  # still patched, with its own settings
+    assert find_adapter(model).loop_module(model)._tome_plan is default_plan
+    for budget in budgets.values():
+        assert budget.plan == hf_tome.build_plan(model, budget.config)
+        report = hf_tome.compute_report(model, plan=budget.plan)
+        assert budget.tokens_per_layer == report.tokens_in and budget.gmacs == report.gmacs
+    assert budgets["fast"].plan.layer_r == (4, 4, 4, 4)
+    assert budgets["dec"].plan.layer_r == tuple(merge_schedule(4, 4, -1.0)) and budgets["dec"].plan.layer_r[0] == 8
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("full", r"budget 'full' is invalid: expected 'name=spec'"),
+    ("x=r:abc", r"budget spec 'r:abc' is invalid: expected 'r:<int>'"),
+    ("x=macs:0", r"budget spec 'macs:0' is invalid"),
+    ("x=flops:3", r"budget spec 'flops:3' is invalid"),
+    ("x=macs:0.001", r"MACs reduction 1000.0x is out of reach"),
+])
+def test_bad_budget_specs_name_the_value(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_budgets(make_model("vit-cls"), [spec])
+
+
+def test_budget_options_set_the_merge_mode_rule_and_a_decaying_schedule() -> None:
+    model = make_model("vit-cls")
+    budgets = parse_budgets(model, ["soft=macs:0.5,decay=0.85,mode=mlerp", "odd=r:4,-1,rule=pitome,mode=mlerp",
+                                    "flat=macs:0.5,mode=mlerp"])
+    soft, odd, flat = budgets["soft"], budgets["odd"], budgets["flat"]
+    assert soft.config == hf_tome.ToMeConfig(r=decaying_r_for_macs(model, 0.5, 0.85), merge_mode="mlerp")
+    assert soft.gmacs <= parse_budgets(model, ["full=r:0"])["full"].gmacs / 2
+    assert soft.plan.layer_r[0] > soft.plan.layer_r[-1] and soft.plan.merge_mode == "mlerp"
+    assert odd.config == hf_tome.ToMeConfig(r=4, inflect=-1.0, merge_rule="pitome", merge_mode="mlerp")
+    assert odd.summary()["merge_rule"] == "pitome" and odd.summary()["merge_mode"] == "mlerp"
+    assert soft.summary()["r"] == list(soft.config.r) and json.dumps(soft.summary())  # JSON-ready for /info
+    assert flat.config == hf_tome.ToMeConfig(r=parse_budgets(model, ["h=macs:0.5"])["h"].config.r, merge_mode="mlerp")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("x=r:4,mode=max", r"^budget spec 'r:4,mode=max' is invalid: mode='max', expected one of \['mean', 'mlerp'\]$"),
+    ("x=r:4,rule=greedy", r"^budget spec 'r:4,rule=greedy' is invalid: rule='greedy', expected one of "
+                          r"\['bipartite', 'pitome'\]$"),
+    ("x=macs:0.5,speed=2", r"^budget spec 'macs:0.5,speed=2' is invalid: option 'speed' is unknown or given twice"),
+    ("x=macs:0.5,mode=mlerp,mode=mean", r"option 'mode' is unknown or given twice"),
+    ("x=r:4,decay=0.8", r"^budget spec 'r:4,decay=0.8' is invalid: expected 'r:<int>', 'r:<int>,<inflect>' or "
+                        r"'macs:<fraction in \(0, 1\]>', then optionally ',mode=<mean\|mlerp>'"),
+    ("x=macs:0.5,decay=1.5", r"^budget spec 'macs:0.5,decay=1.5' is invalid: expected"),
+    ("x=macs:0.5,decay=abc", r"^budget spec 'macs:0.5,decay=abc' is invalid: expected"),
+    ("x=macs:0.5,0.3", r"^budget spec 'macs:0.5,0.3' is invalid: expected"),
+    ("x=macs:0.001,decay=0.8", r"^MACs target 0.001 is out of reach with decay=0.8"),
+])
+def test_bad_budget_options_name_the_value(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_budgets(make_model("vit-cls"), [spec])
+
+
+def test_duplicate_budget_names_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"budget name 'a' is given twice"):
+        parse_budgets(make_model("vit-cls"), ["a=r:0", "a=r:2"])
