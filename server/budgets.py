@@ -82,12 +82,9 @@ def _config_from_spec(model: nn.Module, spec: str, image_size: tuple[int, int] |
             fraction = float(positional[0])
             if not 0.0 < fraction <= 1.0:
                 raise ValueError
-            if "decay" in options:
-                decay = float(options["decay"])
-                if not 0.0 < decay <= 1.0:
-                    raise ValueError
-                return hf_tome.ToMeConfig(r=decaying_r_for_macs(model, fraction, decay, image_size=image_size),
-                                          **merge)
+            if "decay" in options:  # a decay outside (0, 1] is refused by decaying_schedule: the message below
+                schedule = decaying_r_for_macs(model, fraction, float(options["decay"]), image_size=image_size)
+                return hf_tome.ToMeConfig(r=schedule, **merge)
             r = constant_r_for_reductions(model, [1.0 / fraction], image_size)[1.0 / fraction]
             return hf_tome.ToMeConfig(r=r, **merge)
     except ValueError as error:

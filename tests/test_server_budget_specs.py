@@ -48,6 +48,18 @@ def test_each_budget_carries_its_plan_and_leaves_the_model_as_it_was() -> None:
     ("x=macs:0", r"budget spec 'macs:0' is invalid"),
     ("x=flops:3", r"budget spec 'flops:3' is invalid"),
     ("x=macs:0.001", r"MACs reduction 1000.0x is out of reach"),
+    # options
+    ("x=r:4,mode=max", r"^budget spec 'r:4,mode=max' is invalid: mode='max', expected one of \['mean', 'mlerp'\]$"),
+    ("x=r:4,rule=greedy", r"^budget spec 'r:4,rule=greedy' is invalid: rule='greedy', expected one of "
+                          r"\['bipartite', 'pitome'\]$"),
+    ("x=macs:0.5,speed=2", r"^budget spec 'macs:0.5,speed=2' is invalid: option 'speed' is unknown or given twice"),
+    ("x=macs:0.5,mode=mlerp,mode=mean", r"option 'mode' is unknown or given twice"),
+    ("x=r:4,decay=0.8", r"^budget spec 'r:4,decay=0.8' is invalid: expected 'r:<int>', 'r:<int>,<inflect>' or "
+                        r"'macs:<fraction in \(0, 1\]>', then optionally ',mode=<mean\|mlerp>'"),
+    ("x=macs:0.5,decay=1.5", r"^budget spec 'macs:0.5,decay=1.5' is invalid: expected"),
+    ("x=macs:0.5,decay=abc", r"^budget spec 'macs:0.5,decay=abc' is invalid: expected"),
+    ("x=macs:0.5,0.3", r"^budget spec 'macs:0.5,0.3' is invalid: expected"),
+    ("x=macs:0.001,decay=0.8", r"^MACs target 0.001 is out of reach with decay=0.8"),
 ])
 def test_bad_budget_specs_name_the_value(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -66,24 +78,6 @@ def test_budget_options_set_the_merge_mode_rule_and_a_decaying_schedule() -> Non
     assert odd.summary()["merge_rule"] == "pitome" and odd.summary()["merge_mode"] == "mlerp"
     assert soft.summary()["r"] == list(soft.config.r) and json.dumps(soft.summary())  # JSON-ready for /info
     assert flat.config == hf_tome.ToMeConfig(r=parse_budgets(model, ["h=macs:0.5"])["h"].config.r, merge_mode="mlerp")
-
-
-@pytest.mark.parametrize("spec,message", [
-    ("x=r:4,mode=max", r"^budget spec 'r:4,mode=max' is invalid: mode='max', expected one of \['mean', 'mlerp'\]$"),
-    ("x=r:4,rule=greedy", r"^budget spec 'r:4,rule=greedy' is invalid: rule='greedy', expected one of "
-                          r"\['bipartite', 'pitome'\]$"),
-    ("x=macs:0.5,speed=2", r"^budget spec 'macs:0.5,speed=2' is invalid: option 'speed' is unknown or given twice"),
-    ("x=macs:0.5,mode=mlerp,mode=mean", r"option 'mode' is unknown or given twice"),
-    ("x=r:4,decay=0.8", r"^budget spec 'r:4,decay=0.8' is invalid: expected 'r:<int>', 'r:<int>,<inflect>' or "
-                        r"'macs:<fraction in \(0, 1\]>', then optionally ',mode=<mean\|mlerp>'"),
-    ("x=macs:0.5,decay=1.5", r"^budget spec 'macs:0.5,decay=1.5' is invalid: expected"),
-    ("x=macs:0.5,decay=abc", r"^budget spec 'macs:0.5,decay=abc' is invalid: expected"),
-    ("x=macs:0.5,0.3", r"^budget spec 'macs:0.5,0.3' is invalid: expected"),
-    ("x=macs:0.001,decay=0.8", r"^MACs target 0.001 is out of reach with decay=0.8"),
-])
-def test_bad_budget_options_name_the_value(spec: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse_budgets(make_model("vit-cls"), [spec])
 
 
 def test_duplicate_budget_names_are_refused() -> None:
