@@ -87,6 +87,11 @@ class ToMeConfig:
             ``"mlerp"`` (ToFu's MLERP: the size-weighted mean direction, rescaled to the size-weighted mean of the
             members' norms). Sizes and sources are summed either way. Applies to every hard merge (ToMe's, PiToMe's
             and prune + merge's).
+        prune_matched_layers: in this many layers from the first, a merge step prunes instead of merging (ToFu's
+            token fusion): each matched token is dropped and its partner keeps its own hidden state, while sizes
+            and sources still add up, so proportional attention and size-weighted pooling count both. Early layers
+            respond non-linearly to averaged inputs; later layers then merge with ``merge_mode``. 0 (the default)
+            merges everywhere.
     """
 
     r: int | tuple[int, float] | list[int] = 0  # a tuple is stored as r and inflect
@@ -102,6 +107,7 @@ class ToMeConfig:
     # Last, so positional arguments keep their meaning.
     merge_rule: str = "bipartite"
     merge_mode: str = "mean"
+    prune_matched_layers: int = 0
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ToMeConfig:
         # Checked before the dataclass __init__, which would raise a bare TypeError for an unknown keyword.
@@ -168,6 +174,8 @@ class ToMeConfig:
             raise _invalid("merge_rule", self.merge_rule, " or ".join(repr(m) for m in MERGE_RULES))
         if self.merge_mode not in MERGE_MODES:
             raise _invalid("merge_mode", self.merge_mode, " or ".join(repr(m) for m in MERGE_MODES))
+        if not _is_int(self.prune_matched_layers) or self.prune_matched_layers < 0:
+            raise _invalid("prune_matched_layers", self.prune_matched_layers, "an int >= 0 (layers from the first)")
         if self.budget_table is not None:
             if not isinstance(self.budget_table, list) or not all(
                 isinstance(row, dict) and {"gflops", "prune_kept", "merge_kept"} <= row.keys()

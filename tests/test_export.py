@@ -238,6 +238,10 @@ def test_pitome_and_mlerp_export_with_the_torchscript_exporter(family, tmp_path)
     _check_family(family, FAMILIES[family][1][1], "torchscript", tmp_path, merge_rule="pitome", merge_mode="mlerp")
 
 
+def test_prune_matched_layers_export_with_the_torchscript_exporter(tmp_path):
+    _check_family("vit", FAMILIES["vit"][1][1], "torchscript", tmp_path, merge_mode="mlerp", prune_matched_layers=2)
+
+
 def _budget_vit(folder: Path) -> Path:
     model = make_model("vit-cls")
     full = hf_tome.compute_report(model).gmacs

@@ -155,12 +155,14 @@ def test_card_of_a_budget_table_model_lists_the_measured_rows(tmp_path):
 
 
 def test_card_lists_the_merge_rule_and_mode_default_or_not(tmp_path):
-    config = hf_tome.ToMeConfig(r=2, merge_rule="pitome", merge_mode="mlerp")
+    config = hf_tome.ToMeConfig(r=2, merge_rule="pitome", merge_mode="mlerp", prune_matched_layers=1)
     hf_tome.apply(make_model("vit-cls"), config).save_pretrained(tmp_path / "pitome")
     card = (tmp_path / "pitome" / "README.md").read_text()
     assert "| merge_rule | pitome |" in card and "| merge_mode | mlerp |" in card and "| r | 2 |" in card
+    assert "| prune_matched_layers | 1 |" in card
     default = str(render_card(hf_tome.apply(make_model("vit-cls"), r=2)))
     assert "| merge_rule | bipartite |" in default and "| merge_mode | mean |" in default
+    assert "prune_matched_layers" not in default  # only shown when used
 
 
 def test_pipeline_given_an_hf_tome_model_logs_no_not_supported_error(transformers_log):

@@ -182,7 +182,7 @@ def test_mlerp_of_members_that_cancel_out_is_zero_not_nan():
 
 def test_merge_weighted_refuses_an_unknown_mode():
     step = bipartite_soft_matching(torch.randn(1, 5, 4), 2, protected=1)
-    with pytest.raises(ValueError, match=r"merge mode 'max' is invalid: expected one of \('mean', 'mlerp'\)"):
+    with pytest.raises(ValueError, match=r"merge mode 'max' is invalid: expected one of \('mean', 'mlerp', 'prune'\)"):
         merge_weighted(step, torch.randn(1, 5, 3), torch.ones(1, 5, 1), "max")
 
 

@@ -44,8 +44,9 @@ class HardKept:
 class LayerMerge:
     """How one layer merges, when it is not ToMe's default (bipartite matching, size-weighted mean).
 
-    rule: ``"bipartite"`` or ``"pitome"`` (see ``ToMeConfig.merge_rule``); mode: ``"mean"`` or ``"mlerp"`` (see
-    ``ToMeConfig.merge_mode``); margin: PiToMe's energy margin at this layer's depth (unused by ``"bipartite"``).
+    rule: ``"bipartite"`` or ``"pitome"`` (see ``ToMeConfig.merge_rule``). mode: ``"mean"`` or ``"mlerp"`` (see
+    ``ToMeConfig.merge_mode``), or ``"prune"`` in the first ``ToMeConfig.prune_matched_layers`` layers. margin:
+    PiToMe's energy margin at this layer's depth (unused by ``"bipartite"``).
     """
 
     rule: str = "bipartite"
@@ -71,9 +72,9 @@ class ReductionPlan:
     first layer too, when its counts are below the tokens entering the model. Adapters that support them accept
     a ``tome_kept`` keyword (see :func:`run_layers`); adapters that do not are never handed one.
 
-    ``merge_rule`` and ``merge_mode`` (``ToMeConfig``'s fields of the same names) reach a layer as a
-    :class:`LayerMerge` keyword ``tome_merge`` (:meth:`merge_for_layer`), only when one differs from ToMe's default,
-    so layers that do not take it see nothing new under the defaults.
+    ``merge_rule``, ``merge_mode`` and ``prune_matched_layers`` (``ToMeConfig``'s fields of the same names) reach a
+    layer as a :class:`LayerMerge` keyword ``tome_merge`` (:meth:`merge_for_layer`), only when one differs from
+    ToMe's default, so layers that do not take it see nothing new under the defaults.
     """
 
     layer_r: tuple[int, ...]
@@ -86,6 +87,7 @@ class ReductionPlan:
     merge_match: str = "class_attention"
     merge_rule: str = "bipartite"
     merge_mode: str = "mean"
+    prune_matched_layers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("layer_r", "prune_kept", "merge_kept", "soft_kept"):
@@ -109,6 +111,7 @@ class ReductionPlan:
 
     def merge_for_layer(self, index: int) -> LayerMerge | None:
         """The ``tome_merge`` argument of layer ``index`` (None: ToMe's bipartite matching and mean)."""
-        if self.merge_rule == "bipartite" and self.merge_mode == "mean":
+        mode = "prune" if index < self.prune_matched_layers else self.merge_mode
+        if self.merge_rule == "bipartite" and mode == "mean":
             return None
-        return LayerMerge(self.merge_rule, self.merge_mode, pitome_margin(index, self.num_layers))
+        return LayerMerge(self.merge_rule, mode, pitome_margin(index, self.num_layers))

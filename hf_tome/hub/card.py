@@ -126,6 +126,8 @@ def _settings_rows(config: ToMeConfig | None) -> str:
         rows += [f"| r | {config.r} |", f"| inflect | {config.inflect} |"]
     rows += [f"| merge_rule | {config.merge_rule} |", f"| merge_mode | {config.merge_mode} |",
              f"| prop_attn | {config.prop_attn} |"]
+    if config.prune_matched_layers:
+        rows.append(f"| prune_matched_layers | {config.prune_matched_layers} |")
     if config.budget is not None:
         rows.append(f"| budget | {config.budget} |")
     return "\n".join(rows)

@@ -49,6 +49,9 @@ def _plan_of(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
     if adapter.plan_builder is not None:  # families with stages (Swin) count layers their own way
         return adapter.plan_builder(model, config)
     num_layers = _num_layers(model)
+    if config.prune_matched_layers > num_layers:
+        raise ValueError(f"ToMeConfig.prune_matched_layers={config.prune_matched_layers} is invalid for "
+                         f"{type(model).__name__}: it has {num_layers} layers; expected at most {num_layers}")
     layer_r = merge_schedule(config.r, num_layers, config.inflect)
     protected = adapter.protected_tokens(model.config)
     prune_kept, merge_kept = config.prune_kept, config.merge_kept
@@ -66,7 +69,8 @@ def _plan_of(model: nn.Module, config: ToMeConfig) -> ReductionPlan:
         _check_bipartite_reach(prune_kept, merge_kept, protected)
     return ReductionPlan(layer_r=layer_r, protected=protected, prop_attn=config.prop_attn,
                          trace_source=config.trace_source, prune_kept=prune_kept, merge_kept=merge_kept,
-                         merge_match=config.merge_match, merge_rule=config.merge_rule, merge_mode=config.merge_mode)
+                         merge_match=config.merge_match, merge_rule=config.merge_rule, merge_mode=config.merge_mode,
+                         prune_matched_layers=config.prune_matched_layers)
 
 
 def _takes_merge_options(adapter: Adapter) -> bool:
@@ -78,10 +82,12 @@ def _takes_merge_options(adapter: Adapter) -> bool:
 def _check_merge_options(model: nn.Module, config: ToMeConfig, adapter: Adapter) -> None:
     """Refuse a merge rule or mode other than ToMe's for a family whose layers would not apply it (rather than
     merging with ToMe's rule while the config says otherwise)."""
-    if (config.merge_rule, config.merge_mode) == ("bipartite", "mean") or _takes_merge_options(adapter):
+    defaults = (("merge_rule", "bipartite"), ("merge_mode", "mean"), ("prune_matched_layers", 0))
+    changed = [(name, getattr(config, name), default) for name, default in defaults
+               if getattr(config, name) != default]
+    if not changed or _takes_merge_options(adapter):
         return
-    name, value, default = (("merge_rule", config.merge_rule, "bipartite") if config.merge_rule != "bipartite"
-                            else ("merge_mode", config.merge_mode, "mean"))
+    name, value, default = changed[0]
     raise ValueError(f"ToMeConfig.{name}={value!r} is invalid for {type(model).__name__}: the {adapter.family} "
                      f"adapter's layers do not take merge rules or modes (no tome_merge keyword); expected "
                      f"{name}={default!r}")

@@ -44,6 +44,11 @@ class Matching:
         slots = self.protected + self.unmerged_a.shape[1] + self.destination_b[..., 0] - self.protected // 2
         return merge_rows(out, slots, sources, reduce)
 
+    def own_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, N, C] laid out as :meth:`merge`'s output [B, N - r, C], each token keeping its own row: the
+        merged-away tokens are dropped instead of added in (ToFu's pruning)."""
+        return gather_rows(x, self.output_rows(x.shape[1]))
+
     def output_rows(self, num_tokens: int) -> torch.Tensor:
         """Input position [B, N - r] of every output token: the protected prefix, unmerged A, then unprotected B."""
         device = self.unmerged_a.device

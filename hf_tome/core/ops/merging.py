@@ -9,6 +9,10 @@ from hf_tome.core.ops.exportable import gather_rows
 from hf_tome.core.ops.matching import Matching
 from hf_tome.core.ops.pruning import PruneMerge
 
+LAYER_MERGE_MODES = (*MERGE_MODES, "prune")
+"""What one layer's merge step may do: a config's ``merge_mode``, or ToFu's ``"prune"`` in the first
+``ToMeConfig.prune_matched_layers`` layers."""
+
 
 def merge_weighted(matching: Matching | PruneMerge, x: torch.Tensor, size: torch.Tensor,
                    mode: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,15 +24,18 @@ def merge_weighted(matching: Matching | PruneMerge, x: torch.Tensor, size: torch
     ``mode="mean"`` (ToMe): each group's value is ``sum(x * size) / sum(size)``. ``mode="mlerp"`` (ToFu's MLERP):
     the same mean direction, rescaled to the size-weighted mean of the members' norms, since averaging vectors that
     point apart shrinks the norm the next layers expect (see :func:`mlerp_rescale`). Either way the new size is
-    ``sum(size)``. Sizes are float32 whatever the dtype of ``x`` (bfloat16 holds integers exactly only up to 256,
-    float16 up to 2048); the weighted sums are taken in float32 too and the result is cast back to the dtype of
-    ``x`` once.
+    ``sum(size)``. ``mode="prune"`` (ToFu's pruning, for early layers): every output token keeps its own value and
+    the tokens matched to it are dropped, while the new size is still ``sum(size)``. Sizes are float32 whatever
+    the dtype of ``x`` (bfloat16 holds integers exactly only up to 256, float16 up to 2048); the weighted sums are
+    taken in float32 too and the result is cast back to the dtype of ``x`` once.
     """
-    if mode not in MERGE_MODES:
-        raise ValueError(f"merge mode {mode!r} is invalid: expected one of {MERGE_MODES}")
+    if mode not in LAYER_MERGE_MODES:
+        raise ValueError(f"merge mode {mode!r} is invalid: expected one of {LAYER_MERGE_MODES}")
     size = size.float()
-    wide = x.float()
     merged_size = matching.merge(size, reduce="sum")
+    if mode == "prune":
+        return matching.own_rows(x), merged_size
+    wide = x.float()
     merged = matching.merge(wide * size, reduce="sum") / merged_size
     if mode == "mlerp":
         mean_norm = matching.merge(wide.norm(dim=-1, keepdim=True) * size, reduce="sum") / merged_size

@@ -88,6 +88,11 @@ class PruneMerge:
         sources = gather_rows(x, self.merged)
         return merge_rows(out, self.merged_into, sources, reduce)
 
+    def own_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, N, C] laid out as :meth:`merge`'s output [B, M, C], each kept token keeping its own row: the
+        merged tokens are dropped like the pruned ones (ToFu's pruning)."""
+        return gather_rows(x, self.kept)
+
     def new_positions(self, num_tokens: int) -> torch.Tensor:
         """For every input position, the output slot [B, num_tokens] that now holds it (pruned: the nearest)."""
         batch = self.kept.shape[0]
