@@ -5,18 +5,22 @@ For each MACs reduction (default 1.5x and 2x) the constant r that reaches it is 
 schedule merges about ``scale * decay ** i`` tokens in layer ``i`` (``hf_tome.core.schedule.decaying_schedule``),
 with ``scale`` fitted to the target (``hf_tome.integration.flops.decaying_r_for_macs``).
 
-1. **Selection, on training images.** Every ``--decays`` value (1.0 is constant r) runs with MLERP on
-   ``--select-images`` Fashion-MNIST *training* images from index ``--select-start`` (far past the images the
-   embedded model's head was fitted on), and the most accurate decay is chosen per reduction (ties: the larger
-   decay, i.e. the flatter schedule). No test image takes part in the choice.
+1. **Selection, on training images.** Every ``--decays`` value (1.0 is constant r), with every
+   ``--prune-layers`` count (ToFu's pruning in that many first layers, ``ToMeConfig.prune_matched_layers``; the
+   default 0 only merges), runs with MLERP on ``--select-images`` Fashion-MNIST *training* images from index
+   ``--select-start`` (far past the images the embedded model's head was fitted on). Per reduction the most
+   accurate decay without pruning is chosen, and the most accurate (decay, prune layers) pair (ties: the larger
+   decay, i.e. the flatter schedule, then fewer pruning layers). No test image takes part in the choice.
 2. **Test, on all 10,000 test images.** The unreduced model; then per reduction ToMe's constant r as published
-   (mean), constant r with MLERP, and the chosen decay with the mean and with MLERP, so the schedule's and MLERP's
-   shares of the gain can be told apart. Images/s are those of the same test passes (the first batch is a warm-up),
-   compared with constant-r ToMe at the same target.
+   (mean), constant r with MLERP, the chosen decay with the mean and with MLERP, so the schedule's and MLERP's
+   shares of the gain can be told apart, and the chosen pair with MLERP when it prunes. Images/s are those of the
+   same test passes (the first batch is a warm-up), compared with constant-r ToMe at the same target.
 
 Writes ``--out`` (JSON) and a plot of test accuracy against GMACs.
 
     python benchmarks/decaying_schedule.py --threads 2                 # the README's run (about 25 minutes here)
+    python benchmarks/decaying_schedule.py --threads 2 --prune-layers 0 2 3 4 5 6 \
+        --out benchmarks/results/prune_matched_layers.json --plot benchmarks/plots/prune_matched_layers.png
     python benchmarks/decaying_schedule.py --limit 256 --select-images 128 --out /tmp/d.json --plot /tmp/d.png
 """
 
@@ -46,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="MACs reductions; each is met at the MACs of the constant r that reaches it")
     parser.add_argument("--decays", type=float, nargs="+", default=[0.8, 0.85, 0.9, 1.0],
                         help="decays tried on the training images (1.0: constant r)")
+    parser.add_argument("--prune-layers", type=int, nargs="+", default=[0],
+                        help="ToFu pruning layers tried with every decay (ToMeConfig.prune_matched_layers)")
     parser.add_argument("--select-images", type=int, default=2000, help="training images for choosing the decay")
     parser.add_argument("--select-start", type=int, default=40000,
                         help="first training image used for the choice (the head was fitted on the first ones)")
@@ -60,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     bad = [decay for decay in args.decays if not 0.0 < decay <= 1.0]
     if bad:
         parser.error(f"--decays {bad} are invalid: expected factors in (0, 1]")
+    if 0 not in args.prune_layers or min(args.prune_layers) < 0:
+        parser.error(f"--prune-layers {args.prune_layers} is invalid: expected counts >= 0, including 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     kept_freed_memory = apply_allocator_option(args)
@@ -84,24 +92,31 @@ def main(argv: list[str] | None = None) -> None:
     for speedup, r in constant_r.items():
         target = hf_tome.compute_report(model, config=hf_tome.ToMeConfig(r=r)).total_macs
         tried = []
-        for decay in sorted(args.decays, reverse=True):  # flattest first: a tie keeps the flatter schedule
+        # flattest first, then fewest pruning layers: max() keeps the first of equals
+        for decay in sorted(args.decays, reverse=True):
             schedule = r if decay == 1.0 else decaying_r_for_macs(model, target, decay)
-            hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode="mlerp"))
-            accuracy, _ = _evaluate(model, select, device, dtype, f"select {speedup:g}x decay={decay:g}")
-            tried.append({"decay": decay, "schedule": schedule, "gmacs": hf_tome.compute_report(model).gmacs,
-                          "select_accuracy": accuracy})
-            print(f"select {speedup:g}x  decay {decay:4.2f}  {schedule}  accuracy {100 * accuracy:6.2f}%")
-        best = max(tried, key=lambda row: row["select_accuracy"])  # max keeps the first of equals
+            for layers in sorted(args.prune_layers):
+                hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode="mlerp", prune_matched_layers=layers))
+                accuracy, _ = _evaluate(model, select, device, dtype,
+                                        f"select {speedup:g}x decay={decay:g} prune={layers}")
+                tried.append({"decay": decay, "prune_matched_layers": layers, "schedule": schedule,
+                              "gmacs": hf_tome.compute_report(model).gmacs, "select_accuracy": accuracy})
+                print(f"select {speedup:g}x  decay {decay:4.2f}  prune {layers}  {schedule}  "
+                      f"accuracy {100 * accuracy:6.2f}%")
+        best = max((row for row in tried if row["prune_matched_layers"] == 0), key=lambda row: row["select_accuracy"])
+        pair = max(tried, key=lambda row: row["select_accuracy"])
         selections.append({"speedup": speedup, "constant_r": r, "target_gmacs": target / 1e9, "tried": tried,
-                           "chosen_decay": best["decay"], "chosen_schedule": best["schedule"]})
+                           "chosen_decay": best["decay"], "chosen_schedule": best["schedule"],
+                           "chosen_pair": {key: pair[key] for key in ("decay", "prune_matched_layers", "schedule")}})
 
     rows = []
 
-    def run(name: str, schedule: int | list[int], mode: str, speedup: float | None) -> None:
-        hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode=mode))
+    def run(name: str, schedule: int | list[int], mode: str, speedup: float | None, prune_layers: int = 0) -> None:
+        hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode=mode, prune_matched_layers=prune_layers))
         accuracy, images_per_s = _evaluate(model, test, device, dtype, name)
         report = hf_tome.compute_report(model)
         rows.append({"setting": name, "speedup_target": speedup, "r": schedule, "merge_mode": mode,
+                     "prune_matched_layers": prune_layers,
                      "gmacs": report.gmacs, "macs_fraction": report.total_macs / full_macs,
                      "tokens_per_layer": report.tokens_in, "accuracy": accuracy, "images_per_s": images_per_s})
         print(f"{name:34s} GMACs {report.gmacs:6.3f}  accuracy {100 * accuracy:6.2f}%  {images_per_s:7.1f} img/s")
@@ -114,6 +129,11 @@ def main(argv: list[str] | None = None) -> None:
         if decay != 1.0:  # 1.0 is the constant schedule, already above
             run(f"decay {decay:g}", selection["chosen_schedule"], "mean", speedup)
             run(f"decay {decay:g}, MLERP", selection["chosen_schedule"], "mlerp", speedup)
+        pair = selection["chosen_pair"]
+        if pair["prune_matched_layers"]:
+            shape = f"decay {pair['decay']:g}" if pair["decay"] != 1.0 else f"ToMe r={r}"
+            run(f"{shape}, prune {pair['prune_matched_layers']}, MLERP", pair["schedule"], "mlerp", speedup,
+                pair["prune_matched_layers"])
     hf_tome.remove(model)
     base = rows[0]
     for row in rows:
@@ -151,8 +171,12 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
               "decaying, mean": ("decay", "mean"), "decaying, MLERP": ("decay", "mlerp")}
     curves = {label: sorted([(base["gmacs"], 100 * base["accuracy"])]
                             + [(row["gmacs"], 100 * row["accuracy"]) for row in rows
-                               if row["setting"].startswith(prefix) and row["merge_mode"] == mode])
+                               if row["setting"].startswith(prefix) and row["merge_mode"] == mode
+                               and not row.get("prune_matched_layers")])
               for label, (prefix, mode) in series.items()}
+    pruning = [(row["gmacs"], 100 * row["accuracy"]) for row in rows if row.get("prune_matched_layers")]
+    if pruning:
+        curves["chosen schedule + ToFu pruning, MLERP"] = sorted([(base["gmacs"], 100 * base["accuracy"])] + pruning)
     plot_accuracy_curves(curves, path, title)
 
 
