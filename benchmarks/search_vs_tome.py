@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="merge mode of the searched candidates (default mean). Constant-r ToMe always runs "
                         "with ToMe's own rule and mean; with another rule or mode it also runs with the searched "
                         "rows' rule and mode, so both gains are visible")
+    parser.add_argument("--prune-matched-layers", type=int, default=None,
+                        help="ToFu's pruning layers of the searched candidates (see hf-tome search --help; default "
+                        "0); constant-r ToMe then also runs with the searched rows' merging, as for --merge-mode")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64")
@@ -138,6 +141,7 @@ def main() -> None:
                                 strategy=args.strategy, search_images=args.search_images, val_images=args.val_images,
                                 shaped=args.shaped, merge_matches=args.merge_matches,
                                 merge_rule=args.merge_rule, merge_mode=args.merge_mode,
+                                prune_matched_layers=args.prune_matched_layers,
                                 protect_block_0=args.protect_block_0, tome_seeds=args.tome_seeds,
                                 tome_decays=args.tome_decays,
                                 batch_size=args.batch_size, dtype=args.dtype, out=args.search_out or _cache_folder(),
@@ -158,12 +162,14 @@ def main() -> None:
     accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
     # The saved settings (merge rule and mode among them) stay; only the table goes: each setting brings its counts.
     saved = model.tome_config
-    merging = {"merge_rule": saved.merge_rule, "merge_mode": saved.merge_mode}
+    merging = {"merge_rule": saved.merge_rule, "merge_mode": saved.merge_mode,
+               "prune_matched_layers": saved.prune_matched_layers}
     evaluator = CachedEvaluator(hf_tome.apply(model, saved, budget=None, budget_table=None, prune_kept=None,
                                               merge_kept=None), test, processor, accelerator, dtype,
                                 args.batch_size, keep_pixels=True)
-    tome_merging = {"merge_rule": "bipartite", "merge_mode": "mean"}
-    other_merging = ", ".join(value for value in merging.values() if value not in tome_merging.values())
+    tome_merging = {"merge_rule": "bipartite", "merge_mode": "mean", "prune_matched_layers": 0}
+    other_merging = ", ".join(_merging_words(key, value) for key, value in merging.items()
+                              if value != tome_merging[key])
     settings = [{"name": "full", "gflops": full, "prune_kept": None, "merge_kept": None}]
     for row in sorted(table, key=lambda row: -row["gflops"]):
         if row["fraction"] >= 0.999:
@@ -194,6 +200,7 @@ def main() -> None:
                         "same_merging_with": setting.get("same_merging_with"),
                         "merge_rule": setting.get("merge_rule", "bipartite"),
                         "merge_mode": setting.get("merge_mode", "mean"),
+                        "prune_matched_layers": setting.get("prune_matched_layers", 0),
                         "prune_kept": setting.get("prune_kept"), "merge_kept": setting.get("merge_kept"),
                         "merge_match": setting.get("merge_match"), "origin": setting.get("row", {}).get("origin"),
                         "validation_accuracy": setting.get("row", {}).get("accuracy")})
@@ -248,6 +255,11 @@ def main() -> None:
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(results, full, args.plot, args.test_images)
     print(f"wrote {args.out / 'search_vs_tome.json'} and {args.plot}")
+
+
+def _merging_words(key: str, value: str | int) -> str:
+    """How a row name shows a merging setting that is not ToMe's: "mlerp", "pitome", "prune 4"."""
+    return f"prune {value}" if key == "prune_matched_layers" else str(value)
 
 
 def plot(results: list[dict], full: float, path: Path, images: int,

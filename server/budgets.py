@@ -10,9 +10,10 @@ shared model is never re-patched per request. Spec strings (``hf-tome serve --bu
 - ``half=macs:0.5``     the smallest constant r whose MACs are at most half the unmerged model's
 
 Options follow as ``,key=value``: ``mode=mlerp`` (``ToMeConfig.merge_mode``), ``rule=pitome``
-(``ToMeConfig.merge_rule``) and, for ``macs:`` only, ``decay=0.85``: the decaying schedule with the most MACs under
-the fraction (``hf_tome.decaying_r_for_macs``) instead of constant r. For example
-``half=macs:0.5,decay=0.85,mode=mlerp``. The token counts, and so batching, are fixed by the schedule alone.
+(``ToMeConfig.merge_rule``), ``prune=4`` (``ToMeConfig.prune_matched_layers``: ToFu's pruning in the first 4 layers)
+and, for ``macs:`` only, ``decay=0.85``: the decaying schedule with the most MACs under the fraction
+(``hf_tome.decaying_r_for_macs``) instead of constant r. For example ``half=macs:0.5,decay=0.85,mode=mlerp,prune=4``.
+The token counts, and so batching, are fixed by the schedule alone.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Budget:
         r = self.config.r if isinstance(self.config.r, int) else list(self.config.r)
         return {"name": self.name, "spec": self.spec, "r": r, "inflect": self.config.inflect,
                 "merge_rule": self.config.merge_rule, "merge_mode": self.config.merge_mode,
+                "prune_matched_layers": self.config.prune_matched_layers,
                 "tokens_per_layer": self.tokens_per_layer, "gmacs": round(self.gmacs, 4)}
 
 
@@ -58,9 +60,9 @@ def _options(parts: list[str], spec: str) -> tuple[list[str], dict[str, str]]:
         if not sep:
             positional.append(part)
             continue
-        if key not in (*_OPTIONS, "decay") or key in options:
+        if key not in (*_OPTIONS, "prune", "decay") or key in options:
             raise ValueError(f"budget spec {spec!r} is invalid: option {key!r} is unknown or given twice; expected "
-                             "mode=, rule= or (with macs:) decay=, each at most once")
+                             "mode=, rule=, prune= or (with macs:) decay=, each at most once")
         allowed = _OPTIONS.get(key, (None, None))[1]
         if allowed is not None and value not in allowed:
             raise ValueError(f"budget spec {spec!r} is invalid: {key}={value!r}, expected one of {list(allowed)}")
@@ -73,6 +75,8 @@ def _config_from_spec(model: nn.Module, spec: str, image_size: tuple[int, int] |
     positional, options = _options([part.strip() for part in value.split(",")], spec)
     merge = {_OPTIONS[key][0]: options[key] for key in _OPTIONS if key in options}
     try:
+        if "prune" in options:  # not an int >= 0: refused below (by int(), or by ToMeConfig)
+            merge["prune_matched_layers"] = int(options["prune"])
         if kind == "r" and "decay" not in options:
             if len(positional) not in (1, 2) or not positional[0]:
                 raise ValueError
@@ -92,7 +96,8 @@ def _config_from_spec(model: nn.Module, spec: str, image_size: tuple[int, int] |
             raise
     raise ValueError(f"budget spec {spec!r} is invalid: expected 'r:<int>', 'r:<int>,<inflect>' or "
                      f"'macs:<fraction in (0, 1]>', then optionally ',mode=<{'|'.join(MERGE_MODES)}>', "
-                     f"',rule=<{'|'.join(MERGE_RULES)}>' or (macs: only) ',decay=<factor in (0, 1]>'")
+                     f"',rule=<{'|'.join(MERGE_RULES)}>', ',prune=<int >= 0>' or (macs: only) "
+                     "',decay=<factor in (0, 1]>'")
 
 
 def parse_budgets(model: nn.Module, specs: list[str] | tuple[str, ...],

@@ -362,3 +362,28 @@ def test_the_search_keeps_freed_memory_unless_told_not_to(monkeypatch) -> None:
         with pytest.raises(Reached):
             run_search(options)
         assert calls == expected
+
+
+def test_search_with_pruning_layers_scores_and_saves_them(tiny_classifier_and_data, tmp_path):  # noqa: F811
+    import datasets
+    from accelerate import Accelerator
+
+    from hf_tome.budgets.search_eval import CachedEvaluator
+
+    model_dir, data_dir = tiny_classifier_and_data
+    out = tmp_path / "out"
+    search.main(["--model", str(model_dir), "--dataset", str(data_dir), "--targets", "0.6", "--merge-mode", "mlerp",
+                 "--prune-matched-layers", "2", "--search-images", "16", "--val-images", "8", "--min-images", "8",
+                 "--eta", "2", "--finalists", "1", "--batch-size", "8", "--dtype", "float32", "--out", str(out),
+                 "--no-baseline"])
+    loaded = hf_tome.AutoModelForImageClassification.from_pretrained(out / "model", tome_budget=0.6)
+    assert (loaded.tome_config.prune_matched_layers, loaded.tome_config.merge_mode) == (2, "mlerp")
+    assert json.loads((out / "search.json").read_text())["options"]["prune_matched_layers"] == 2
+    # per setting, the evaluator keeps the saved pruning layers unless the setting names others
+    evaluator = CachedEvaluator(loaded, datasets.load_from_disk(str(data_dir)), T.AutoImageProcessor.from_pretrained(
+        model_dir), Accelerator(), torch.float32, batch_size=8, keep_pixels=True)
+    settings = [{"r": 12}, {"r": 12, "prune_matched_layers": 2}, {"r": 12, "prune_matched_layers": 0}]
+    nll = evaluator.evaluate_from_pixels(settings, 16)[:, 1]
+    assert nll[0] == nll[1] and abs(nll[0] - nll[2]) > 1e-4, nll
+    evaluator.set_kept(None, None, r=12, prune_matched_layers=0)
+    assert (evaluator.plan.prune_matched_layers, evaluator.plan.merge_mode) == (0, "mlerp")

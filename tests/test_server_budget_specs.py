@@ -60,6 +60,10 @@ def test_each_budget_carries_its_plan_and_leaves_the_model_as_it_was() -> None:
     ("x=macs:0.5,decay=abc", r"^budget spec 'macs:0.5,decay=abc' is invalid: expected"),
     ("x=macs:0.5,0.3", r"^budget spec 'macs:0.5,0.3' is invalid: expected"),
     ("x=macs:0.001,decay=0.8", r"^MACs target 0.001 is out of reach with decay=0.8"),
+    ("x=r:4,prune=two", r"^budget spec 'r:4,prune=two' is invalid: expected .*',prune=<int >= 0>'"),
+    ("x=r:4,prune=-1", r"^budget spec 'r:4,prune=-1' is invalid: expected"),
+    ("x=r:4,prune=5", r"^ToMeConfig.prune_matched_layers=5 is invalid for ViTForImageClassification: it has 4 "
+                      r"layers; expected at most 4$"),
 ])
 def test_bad_budget_specs_name_the_value(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -78,6 +82,17 @@ def test_budget_options_set_the_merge_mode_rule_and_a_decaying_schedule() -> Non
     assert odd.summary()["merge_rule"] == "pitome" and odd.summary()["merge_mode"] == "mlerp"
     assert soft.summary()["r"] == list(soft.config.r) and json.dumps(soft.summary())  # JSON-ready for /info
     assert flat.config == hf_tome.ToMeConfig(r=parse_budgets(model, ["h=macs:0.5"])["h"].config.r, merge_mode="mlerp")
+
+
+def test_the_prune_option_sets_tofus_pruning_layers_on_the_plan() -> None:
+    model = make_model("vit-cls")
+    budgets = parse_budgets(model, ["tofu=macs:0.5,decay=0.85,mode=mlerp,prune=2", "plain=macs:0.5,decay=0.85"])
+    tofu, plain = budgets["tofu"], budgets["plain"]
+    assert tofu.config == hf_tome.ToMeConfig(r=decaying_r_for_macs(model, 0.5, 0.85), merge_mode="mlerp",
+                                             prune_matched_layers=2)
+    assert [tofu.plan.merge_for_layer(i).mode for i in range(4)] == ["prune", "prune", "mlerp", "mlerp"]
+    assert tofu.tokens_per_layer == plain.tokens_per_layer and tofu.gmacs == plain.gmacs  # pruning moves no count
+    assert tofu.summary()["prune_matched_layers"] == 2 and plain.summary()["prune_matched_layers"] == 0
 
 
 def test_duplicate_budget_names_are_refused() -> None:

@@ -57,7 +57,7 @@ def test_metrics_snapshot_counts_batches_and_percentiles() -> None:
 
 # The inference API in process (no HTTP): what predict does with a batch.
 
-SERVED_BUDGETS = ["full=r:0", "fast=r:6", "pruned=r:3,-1", "soft=macs:0.6,decay=0.8,mode=mlerp"]
+SERVED_BUDGETS = ["full=r:0", "fast=r:6", "pruned=r:3,-1", "soft=macs:0.6,decay=0.8,mode=mlerp,prune=1"]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,8 @@ def _library_top(folder, config: hf_tome.ToMeConfig, image: bytes, k: int) -> tu
 
 CONFIGS = {"full": hf_tome.ToMeConfig(r=0), "fast": hf_tome.ToMeConfig(r=6),
            "pruned": hf_tome.ToMeConfig(r=3, inflect=-1.0),
-           "soft": hf_tome.ToMeConfig(r=decaying_r_for_macs(make_model("vit-cls"), 0.6, 0.8), merge_mode="mlerp"),
+           "soft": hf_tome.ToMeConfig(r=decaying_r_for_macs(make_model("vit-cls"), 0.6, 0.8), merge_mode="mlerp",
+                                     prune_matched_layers=1),
            }  # what SERVED_BUDGETS mean
 
 

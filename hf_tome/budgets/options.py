@@ -39,6 +39,7 @@ class SearchOptions:
     merge_matches: list[str] = field(default_factory=lambda: list(MERGE_MATCHES))
     merge_rule: str | None = None
     merge_mode: str | None = None
+    prune_matched_layers: int | None = None
     batch_size: int = 64
     dtype: str = "auto"
     seed: int = 0
@@ -115,6 +116,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-mode", choices=list(MERGE_MODES), default=None, help="how every candidate combines "
                         "merged tokens: mean (ToMe) or mlerp (norm-preserving; ToMeConfig.merge_mode; default: the "
                         "model's saved setting, else mean); saved with the table")
+    parser.add_argument("--prune-matched-layers", type=int, default=None, help="layers, from the first, in which "
+                        "every candidate prunes its matched tokens instead of merging them (ToFu; "
+                        "ToMeConfig.prune_matched_layers; default: the model's saved setting, else 0); saved with "
+                        "the table")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per forward pass")
     parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 where the CPU/GPU runs it natively, else float32")

@@ -183,16 +183,19 @@ class CachedEvaluator:
 
     def set_kept(self, prune_kept: Sequence[int] | None, merge_kept: Sequence[int] | None, r: int = 0,
                  merge_match: str = "class_attention", merge_rule: str | None = None,
-                 merge_mode: str | None = None) -> None:
+                 merge_mode: str | None = None, prune_matched_layers: int | None = None) -> None:
         """Run the next forward passes with this configuration: its plan, built once and handed to each forward.
 
-        ``merge_rule``/``merge_mode`` None keep the base configuration's (the model's saved ones).
+        ``merge_rule``/``merge_mode``/``prune_matched_layers`` None keep the base configuration's (the model's saved
+        ones).
         """
         base = self.base_config
+        pruning = base.prune_matched_layers if prune_matched_layers is None else prune_matched_layers
         config = base.replace(r=r, budget=None, budget_table=None, merge_match=merge_match,
                               prune_kept=list(prune_kept) if prune_kept is not None else None,
                               merge_kept=list(merge_kept) if merge_kept is not None else None,
-                              merge_rule=merge_rule or base.merge_rule, merge_mode=merge_mode or base.merge_mode)
+                              merge_rule=merge_rule or base.merge_rule, merge_mode=merge_mode or base.merge_mode,
+                              prune_matched_layers=pruning)
         self.plan = build_plan(self.model, config)
 
     def evaluate(self, configs: Sequence[tuple], count: int,
@@ -259,7 +262,8 @@ class CachedEvaluator:
     def evaluate_from_pixels(self, settings: Sequence[dict], count: int, description: str = "settings",
                              timings: list[float] | None = None) -> torch.Tensor:
         """Sums like :meth:`evaluate` for settings ``{"r"}`` or ``{"prune_kept", "merge_kept"[, "merge_match"]}``,
-        each optionally with ``"merge_rule"``/``"merge_mode"`` (default: the base configuration's), run end to end.
+        each optionally with ``"merge_rule"``/``"merge_mode"``/``"prune_matched_layers"`` (default: the base
+        configuration's), run end to end.
 
         Nothing is replayed: every forward pass starts from the cached pixels. ``timings`` (if given) receives
         the forward seconds of this process per setting.
@@ -274,7 +278,8 @@ class CachedEvaluator:
             for number, setting in enumerate(progress):
                 self.set_kept(setting.get("prune_kept"), setting.get("merge_kept"), r=setting.get("r", 0),
                               merge_match=setting.get("merge_match", "class_attention"),
-                              merge_rule=setting.get("merge_rule"), merge_mode=setting.get("merge_mode"))
+                              merge_rule=setting.get("merge_rule"), merge_mode=setting.get("merge_mode"),
+                              prune_matched_layers=setting.get("prune_matched_layers"))
                 seconds = 0.0
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start : start + self.batch_size]
