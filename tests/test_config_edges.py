@@ -16,7 +16,7 @@ from hf_tome.integration.budget_table import FULL_GFLOPS_KEY, IMAGE_SIZE_KEY
 from hf_tome.integration.patch import tome_config_of
 
 FIELDS = ("['budget', 'budget_table', 'extra', 'inflect', 'merge_kept', 'merge_match', 'merge_mode', 'merge_rule', "
-          "'prop_attn', 'prune_kept', 'r', 'trace_source']")
+          "'prop_attn', 'prune_kept', 'prune_matched_layers', 'r', 'trace_source']")
 
 
 # ToMe's (r, inflect) notation.
