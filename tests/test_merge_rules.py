@@ -323,16 +323,18 @@ def test_merging_with_the_options_trains():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_families_whose_layers_take_no_merge_options_refuse_them():
+@pytest.mark.parametrize("field, value, default", [("merge_mode", "mlerp", "'mean'"),
+                                                   ("prune_matched_layers", 1, "0")])
+def test_families_whose_layers_take_no_merge_options_refuse_them(field, value, default):
     config = T.SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=4,
                           num_labels=3)
     torch.manual_seed(0)
     model = T.SwinForImageClassification(config).eval()
     with pytest.raises(ValueError) as raised:
-        hf_tome.apply(model, r=2, merge_mode="mlerp")
+        hf_tome.apply(model, r=2, **{field: value})
     assert str(raised.value) == (
-        "ToMeConfig.merge_mode='mlerp' is invalid for SwinForImageClassification: the swin adapter's layers "
-        "do not take merge rules or modes (no tome_merge keyword); expected merge_mode='mean'")
+        f"ToMeConfig.{field}={value!r} is invalid for SwinForImageClassification: the swin adapter's layers "
+        f"do not take merge rules or modes (no tome_merge keyword); expected {field}={default}")
     assert not hf_tome.is_patched(model)  # refused before anything changed
     hf_tome.apply(model, r=2)  # ToMe's defaults still work
 

@@ -3,7 +3,7 @@ partner keeps its own hidden state, while sizes and sources still add up; later 
 
 The op is checked on constructed tensors (bipartite, PiToMe and prune + merge steps); the option on tiny random
 ViT, DeiT, DINOv2 and AST models: ToMe's token counts, sizes, r=0, batch invariance, eager against sdpa, the
-per-layer modes of a plan, save/load and the refusals.
+per-layer modes of a plan, save/load and the refusals (Swin's is in test_merge_rules.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-import transformers as T
 from conftest import main_output, make_model, mlp_norms, tokens_seen_by
 from test_merge_rules import FAMILIES, _build, _encoder_output, _inputs, _run
 
@@ -173,14 +172,3 @@ def test_more_layers_than_the_model_has_are_refused():
     assert not hf_tome.is_patched(model)
     hf_tome.apply(model, r=2, prune_matched_layers=4)  # every layer is allowed
 
-
-def test_families_whose_layers_take_no_merge_options_refuse_it():
-    config = T.SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=4,
-                          num_labels=3)
-    torch.manual_seed(0)
-    model = T.SwinForImageClassification(config).eval()
-    with pytest.raises(ValueError) as raised:
-        hf_tome.apply(model, r=2, prune_matched_layers=1)
-    assert str(raised.value) == (
-        "ToMeConfig.prune_matched_layers=1 is invalid for SwinForImageClassification: the swin adapter's layers "
-        "do not take merge rules or modes (no tome_merge keyword); expected prune_matched_layers=0")
