@@ -174,10 +174,9 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
                                if row["setting"].startswith(prefix) and row["merge_mode"] == mode
                                and not row.get("prune_matched_layers")])
               for label, (prefix, mode) in series.items()}
-    pruning = [(row["gmacs"], 100 * row["accuracy"]) for row in rows if row.get("prune_matched_layers")]
-    if pruning:
-        curves["chosen schedule + ToFu pruning, MLERP"] = sorted([(base["gmacs"], 100 * base["accuracy"])] + pruning)
-    plot_accuracy_curves(curves, path, title)
+    # only where the choice pruned: its points alone, not a line through the unreduced model
+    pruning = sorted((row["gmacs"], 100 * row["accuracy"]) for row in rows if row.get("prune_matched_layers"))
+    plot_accuracy_curves(curves, path, title, {"chosen schedule + ToFu pruning, MLERP": pruning})
 
 
 if __name__ == "__main__":

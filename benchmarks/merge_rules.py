@@ -165,8 +165,10 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     plot_accuracy_curves(curves, path, title)
 
 
-def plot_accuracy_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
-    """Test accuracy (%) against GMACs per image, one line per label (curves of a single point are left out)."""
+def plot_accuracy_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str,
+                         markers: dict[str, list[tuple[float, float]]] | None = None) -> None:
+    """Test accuracy (%) against GMACs per image, one line per label (curves of a single point are left out), and
+    ``markers``: labelled points without a line, drawn on top (settings measured at some reductions only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,6 +178,9 @@ def plot_accuracy_curves(curves: dict[str, list[tuple[float, float]]], path: Pat
     for label, points in curves.items():
         if len(points) > 1:
             axis.plot(*zip(*points, strict=True), marker="o", label=label)
+    for label, points in (markers or {}).items():
+        if points:
+            axis.plot(*zip(*points, strict=True), linestyle="none", marker="*", markersize=13, zorder=3, label=label)
     axis.set_xlabel("GMACs per image")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title(title, fontsize=9)
