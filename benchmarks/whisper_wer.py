@@ -36,9 +36,11 @@ from hf_tome.evaluation.assets.speech import SENTENCES, speech_dataset, word_err
 from hf_tome.evaluation.assets.whisper import whisper_tiny_en_path
 from hf_tome.integration.flops import constant_r_for_macs
 
-RULES = {"tome": ("bipartite", "mean"), "pitome": ("pitome", "mean"), "mlerp": ("bipartite", "mlerp"),
-         "pitome+mlerp": ("pitome", "mlerp")}
-"""Rule name -> (``ToMeConfig.merge_rule``, ``ToMeConfig.merge_mode``)."""
+RULES = {"tome": ("bipartite", "mean", 0), "pitome": ("pitome", "mean", 0), "mlerp": ("bipartite", "mlerp", 0),
+         "pitome+mlerp": ("pitome", "mlerp", 0), "mlerp+prune1": ("bipartite", "mlerp", 1)}
+"""Rule name -> (``ToMeConfig.merge_rule``, ``merge_mode``, ``prune_matched_layers``). ``mlerp+prune1`` prunes in
+the first of the encoder's 4 layers: the share of depth (a third) that ``decaying_schedule.py`` chose for DINOv2-S
+(4 of 12) on training images; nothing was tuned on these clips."""
 DEFAULT_RULE = "tome"
 
 
@@ -60,10 +62,10 @@ def build_settings(model: torch.nn.Module, targets: list[float], inflects: list[
             r = constant_r_for_macs(model, 1 / target, inflect=inflect)  # smallest r reaching the reduction
             base = f"r={r}" if inflect == 0 else f"r=({r},{inflect:g})"
             for rule in rules:
-                merge_rule, merge_mode = RULES[rule]
+                merge_rule, merge_mode, prune_layers = RULES[rule]
                 name = base if rule == DEFAULT_RULE else f"{base}, {rule}"
                 settings[name] = hf_tome.ToMeConfig(r=r, inflect=inflect, merge_rule=merge_rule,
-                                                    merge_mode=merge_mode)
+                                                    merge_mode=merge_mode, prune_matched_layers=prune_layers)
     return settings
 
 
@@ -71,7 +73,8 @@ def rule_name(config: hf_tome.ToMeConfig | None) -> str:
     """The ``RULES`` name of a setting's merge rule and mode (``-`` for no merging)."""
     if config is None:
         return "-"
-    return next(name for name, pair in RULES.items() if pair == (config.merge_rule, config.merge_mode))
+    return next(name for name, rule in RULES.items()
+                if rule == (config.merge_rule, config.merge_mode, config.prune_matched_layers))
 
 
 def transcribe(model, processor, features: torch.Tensor, batch: int) -> list[str]:
@@ -122,6 +125,7 @@ def main() -> None:
         rule = config or hf_tome.ToMeConfig()  # no merging records the default rule and mode
         rows[name] = {"r": config.r if config else 0, "inflect": config.inflect if config else 0.0,
                       "merge_rule": rule.merge_rule, "merge_mode": rule.merge_mode,
+                      "prune_matched_layers": rule.prune_matched_layers,
                       "encoder_tokens_in": report.tokens_in, "encoder_gmacs": report.gmacs,
                       "wer": word_error_rate(references, hypotheses), "hypotheses": hypotheses}
 
