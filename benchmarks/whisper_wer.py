@@ -70,7 +70,7 @@ def build_settings(model: torch.nn.Module, targets: list[float], inflects: list[
 
 
 def rule_name(config: hf_tome.ToMeConfig | None) -> str:
-    """The ``RULES`` name of a setting's merge rule and mode (``-`` for no merging)."""
+    """The ``RULES`` name of a setting's merge rule, mode and pruning layers (``-`` for no merging)."""
     if config is None:
         return "-"
     return next(name for name, rule in RULES.items()
