@@ -26,12 +26,14 @@ from .options import (
     SERVE_DECODE_WORKERS,
     SERVE_INLINE_PIXELS,
     SERVE_MAX_HEADER_BYTES,
+    SERVE_QUEUES,
     SERVE_READ_TIMEOUT,
     add_serve_arguments,
 )
 from .parse import Limits
 from .pool import Preparer
 from .protocol import uvicorn_settings
+from .queues import PipeQueueServer
 
 
 class OptionError(ValueError):
@@ -49,7 +51,7 @@ class ServerOptions:
     dtype: str = "float32"
     device: str = "auto"
     compile: bool = False
-    fast_queue: bool = False
+    queues: str = SERVE_QUEUES[0]
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int | None = None
@@ -119,10 +121,12 @@ def build_server(options: ServerOptions) -> ls.LitServer:
                             "inline_pixels": options.inline_pixels})
     metadata = {"model": model_display_name(options.model), "budgets": options.budgets, "device": device,
                 "dtype": options.dtype, "compile": options.compile, "keep_freed_memory": options.keep_freed_memory,
-                "workers": options.workers, "threads_per_worker": options.threads}
-    server = ls.LitServer(api, accelerator=device, timeout=options.timeout, middlewares=[guard],
-                          model_metadata=metadata, fast_queue=options.fast_queue,
-                          workers_per_device=options.workers)
+                "workers": options.workers, "threads_per_worker": options.threads, "queues": options.queues}
+    if options.queues not in SERVE_QUEUES:
+        raise OptionError(f"--queues {options.queues!r} is invalid: expected one of {', '.join(SERVE_QUEUES)}")
+    server_class = PipeQueueServer if options.queues == "pipe" else ls.LitServer
+    server = server_class(api, accelerator=device, timeout=options.timeout, middlewares=[guard],
+                          model_metadata=metadata, workers_per_device=options.workers)
 
     async def metrics_endpoint() -> dict:
         return metrics.snapshot() | {"max_batch_size": options.max_batch_size,
@@ -152,7 +156,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         raise ValueError(f"--max-batch-size={args.max_batch_size} is invalid: expected an integer >= 1")
     return ServerOptions(model=args.model, budgets=args.budgets or list(DEFAULT_BUDGET_SPECS),
                          max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout, dtype=args.dtype,
-                         device=args.device, compile=args.compile, fast_queue=args.fast_queue, host=args.host,
+                         device=args.device, compile=args.compile, queues=args.queues, host=args.host,
                          port=args.port, threads=args.threads, workers=args.workers,
                          keep_freed_memory=args.keep_freed_memory,
                          limits=Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels),

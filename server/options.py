@@ -16,6 +16,7 @@ SERVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SERVE_DECODE_WORKERS = 4
 SERVE_DECODE_QUEUE = 64  # a burst of 64 clients (the load test) is queued, not refused
 SERVE_DECODE_POOLS = ("thread", "process")
+SERVE_QUEUES = ("pipe", "litserve")
 # Images up to this many pixels (from their header) are prepared on the event loop: for them the hand-off to a decode
 # thread costs more CPU than the work (~0.35 against ~0.2 ms for 28 x 28 -> 224 x 224), and the work stays bounded
 # (at most ~1.5 ms measured, for a 128 x 128 RGB WebP, the slowest decoder here)
@@ -55,8 +56,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the model; auto: bfloat16 where the CPU/GPU runs it natively")
     parser.add_argument("--compile", action="store_true",
                         help="run the model through torch.compile (compiles each budget at start-up: slow)")
-    parser.add_argument("--fast-queue", action="store_true",
-                        help="LitServe's ZeroMQ transport for the worker's answers, instead of its manager queues")
+    parser.add_argument("--queues", default=SERVE_QUEUES[0], choices=SERVE_QUEUES,
+                        help="how requests reach the inference workers and answers come back: pipe (multiprocessing "
+                             "queues; nothing waits for another process) or litserve (LitServe's own manager queues, "
+                             "a round trip to the manager process per message)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each inference worker "

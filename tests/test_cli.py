@@ -112,7 +112,7 @@ def test_every_option_has_help_showing_its_default_once():
             expected = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
             assert text.endswith(f"(default: {expected})"), f"{name} {action.option_strings[0]}: {text!r}"
             shown += 1
-    assert shown == 134  # bench 5 + export 3 + (serve 15 + search 22 + compress 26) twice: as hf-tome X and python -m
+    assert shown == 136  # bench 5 + export 3 + (serve 16 + search 22 + compress 26) twice: as hf-tome X and python -m
 
 
 @pytest.mark.parametrize("command, option, expected", [

@@ -103,16 +103,18 @@ def test_unbatched_server_answers_and_refuses_bad_input(served) -> None:
         assert _predict_json(url, b"not an image").status_code == 400
 
 
-def test_the_zeromq_transport_answers_as_the_default_one(served) -> None:
+def test_litserve_queues_answer_as_the_pipe_queues(served) -> None:
     url, folder = served
+    assert requests.get(f"{url}/info", timeout=10).json()["model"]["queues"] == "pipe"  # the default
     images = [_png(seed) for seed in (7, 8, 9)]
     expected = [_predict_json(url, image, budget="fast", top_k=2).json()["labels"] for image in images]
-    for fast_url in _serve(folder, 8, "--fast-queue", log_name="server-fast-queue.log"):
+    for litserve_url in _serve(folder, 8, "--queues", "litserve", log_name="server-litserve-queues.log"):
+        assert requests.get(f"{litserve_url}/info", timeout=10).json()["model"]["queues"] == "litserve"
         with ThreadPoolExecutor(3) as pool:  # concurrent, so that they can share a batch
-            answers = list(pool.map(partial(_predict_json, fast_url, budget="fast", top_k=2), images))
+            answers = list(pool.map(partial(_predict_json, litserve_url, budget="fast", top_k=2), images))
         assert [answer.status_code for answer in answers] == [200, 200, 200]
         assert [answer.json()["labels"] for answer in answers] == expected
-        assert _predict_json(fast_url, b"not an image").status_code == 400
+        assert _predict_json(litserve_url, b"not an image").status_code == 400
 
 
 def test_two_workers_answer_as_one(served) -> None:
