@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                         help="the server and the bare forward leave glibc malloc's thresholds alone")
     parser.add_argument("--serve-arg", dest="serve_args", action="append", default=[],
-                        help="an option handed to the server as is, repeatable (--serve-arg=--fast-queue)")
+                        help="an option handed to the server as is, repeatable (--serve-arg=--queues=litserve)")
     parser.add_argument("--no-batching-off", dest="batching_off", action="store_false",
                         help="skip the max_batch_size 1 phase")
     parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare forward comparison")
