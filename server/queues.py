@@ -16,6 +16,10 @@ answers and hands everything that has arrived to the event loop in one call. Mea
 The swap reaches into LitServe's private set-up (``_init_manager``, ``litapi_request_queues``, ``_transport``):
 :func:`install_pipe_queues` checks that layout first and, where a LitServe version differs, keeps LitServe's own
 queues and says so in the log. ``hf-tome serve --queues litserve`` keeps them always.
+
+One difference in kind: workers share the request queue's read lock, and a worker killed while it holds it (inside a
+``get``) would leave it held. LitServe ends the whole server when a worker dies (``restart_workers=False``, its
+default, which ``hf-tome serve`` keeps), so that never stalls a server that goes on running.
 """
 
 from __future__ import annotations
