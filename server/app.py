@@ -121,7 +121,8 @@ def build_server(options: ServerOptions) -> ls.LitServer:
                             "inline_pixels": options.inline_pixels})
     metadata = {"model": model_display_name(options.model), "budgets": options.budgets, "device": device,
                 "dtype": options.dtype, "compile": options.compile, "keep_freed_memory": options.keep_freed_memory,
-                "workers": options.workers, "threads_per_worker": options.threads, "queues": options.queues}
+                "workers": options.workers, "threads_per_worker": options.threads,
+                "queues": "litserve"}  # PipeQueueServer says "pipe" once it has swapped them in
     if options.queues not in SERVE_QUEUES:
         raise OptionError(f"--queues {options.queues!r} is invalid: expected one of {', '.join(SERVE_QUEUES)}")
     server_class = PipeQueueServer if options.queues == "pipe" else ls.LitServer

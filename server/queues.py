@@ -131,9 +131,16 @@ def install_pipe_queues(server: ls.LitServer, num_consumers: int) -> bool:
 
 
 class PipeQueueServer(ls.LitServer):
-    """A ``LitServer`` whose requests and answers travel through pipes instead of manager queues (see above)."""
+    """A ``LitServer`` whose requests and answers travel through pipes instead of manager queues (see above).
+
+    ``model_metadata["queues"]`` (shown by ``/info``) says which queues serve: ``"pipe"`` once the swap is done, else
+    what the caller put there (``hf-tome serve`` puts ``"litserve"``, so a LitServe that never calls this hook is
+    reported as it runs).
+    """
 
     def _init_manager(self, num_api_servers: int):  # noqa: ANN202  (LitServe's multiprocessing manager)
         manager = super()._init_manager(num_api_servers)
         self.hf_tome_pipe_queues = install_pipe_queues(self, num_api_servers)
+        if self.hf_tome_pipe_queues and isinstance(self.model_metadata, dict):
+            self.model_metadata["queues"] = "pipe"  # the HTTP processes fork after this: their /info shows it
         return manager

@@ -92,10 +92,10 @@ class _EchoAPI(ls.LitAPI):
 
 
 def test_the_server_swaps_litserves_manager_queues_for_pipes() -> None:
-    server = PipeQueueServer(_EchoAPI(), accelerator="cpu")
+    server = PipeQueueServer(_EchoAPI(), accelerator="cpu", model_metadata={"queues": "litserve"})
     manager = server._init_manager(2)
     try:
-        assert server.hf_tome_pipe_queues is True
+        assert server.hf_tome_pipe_queues is True and server.model_metadata == {"queues": "pipe"}
         request_queue = server._get_request_queue("/predict")
         assert type(request_queue) is type(multiprocessing.get_context("spawn").Queue())
         assert isinstance(server._transport, PipeTransport) and len(server._transport._queues) == 2
@@ -114,3 +114,16 @@ def test_another_litserve_layout_keeps_litserves_queues_and_says_so(caplog) -> N
         assert install_pipe_queues(server, 1) is False
     assert server._transport == "litserve's own"
     assert f"this LitServe version ({ls.__version__}) sets up its queues differently" in caplog.text
+
+
+def test_a_failed_swap_is_reported_as_litserves_queues(monkeypatch) -> None:
+    import hf_tome_server.queues as queues
+
+    monkeypatch.setattr(queues, "install_pipe_queues", lambda server, consumers: False)
+    server = PipeQueueServer(_EchoAPI(), accelerator="cpu", model_metadata={"queues": "litserve"})
+    manager = server._init_manager(1)
+    try:
+        assert server.hf_tome_pipe_queues is False and server.model_metadata == {"queues": "litserve"}
+        assert not isinstance(server._transport, PipeTransport)  # LitServe's own, untouched
+    finally:
+        manager.shutdown()
