@@ -102,6 +102,8 @@ def build_server(options: ServerOptions) -> ls.LitServer:
     """A ready-to-run ``LitServer`` with the request guard, budgets and a ``/metrics`` endpoint."""
     from transformers import AutoImageProcessor
 
+    if options.queues not in SERVE_QUEUES:
+        raise OptionError(f"--queues {options.queues!r} is invalid: expected one of {', '.join(SERVE_QUEUES)}")
     device = resolve_device(options.device)
     model = options.model
     if model is None:
@@ -123,8 +125,6 @@ def build_server(options: ServerOptions) -> ls.LitServer:
                 "dtype": options.dtype, "compile": options.compile, "keep_freed_memory": options.keep_freed_memory,
                 "workers": options.workers, "threads_per_worker": options.threads,
                 "queues": "litserve"}  # PipeQueueServer says "pipe" once it has swapped them in
-    if options.queues not in SERVE_QUEUES:
-        raise OptionError(f"--queues {options.queues!r} is invalid: expected one of {', '.join(SERVE_QUEUES)}")
     server_class = PipeQueueServer if options.queues == "pipe" else ls.LitServer
     server = server_class(api, accelerator=device, timeout=options.timeout, middlewares=[guard],
                           model_metadata=metadata, workers_per_device=options.workers)

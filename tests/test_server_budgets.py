@@ -352,6 +352,11 @@ def test_device_auto_resolves_to_cpu_and_cuda_without_a_gpu_stops_with_a_message
     assert resolve_device("auto") == "cuda"
 
 
+def test_unknown_queues_stop_with_a_message_before_anything_loads() -> None:
+    with pytest.raises(SystemExit, match=r"^hf-tome serve: --queues 'zmq' is invalid: expected one of pipe, litserve$"):
+        run_server(ServerOptions(queues="zmq", model="not-loaded"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
 def test_serve_with_device_cuda_and_no_gpu_exits_with_a_message_not_a_traceback() -> None:
     finished = subprocess.run([sys.executable, "-m", "hf_tome_server", "--device", "cuda", "--model", "unused"],
