@@ -93,17 +93,25 @@ class PipeTransport(MessageTransport):
 
 
 def _read_into(pipe: Any, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue) -> None:
-    """Blocks on ``pipe``; hands the loop every item that has arrived, in one call (a batch's answers come together)."""
+    """Blocks on ``pipe``; hands the loop every item that has arrived, in one call (a batch's answers come together).
+
+    Ends when the queue or the event loop is closed. A message that cannot be unpickled is logged and skipped: the
+    thread must outlive it, or every later answer would wait until LitServe's timeout.
+    """
     while True:
+        items: list[Any] = []
         try:
-            items = [pipe.get()]
+            items.append(pipe.get())
             while True:
-                try:
-                    items.append(pipe.get_nowait())
-                except queue.Empty:
-                    break
+                items.append(pipe.get_nowait())
+        except queue.Empty:
+            pass
         except (EOFError, OSError, ValueError):  # the queue was closed: the process is ending
             return
+        except Exception as error:  # noqa: BLE001  an unreadable message: skip it, keep what came before it
+            logger.error("an answer from an inference worker could not be read: %s", type(error).__name__)
+        if not items:
+            continue
         try:
             loop.call_soon_threadsafe(_put_all, inbox, items)
         except RuntimeError:  # the event loop has closed

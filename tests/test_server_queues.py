@@ -83,6 +83,32 @@ def test_closing_wakes_the_reader_with_none_and_refuses_further_reads() -> None:
         asyncio.run(transport.areceive(0))
 
 
+def _refuse_to_unpickle() -> None:
+    raise LookupError("this object cannot be rebuilt")
+
+
+class _Unreadable:
+    """Pickles fine and fails to unpickle, as an answer whose class the HTTP process cannot import would."""
+
+    def __reduce__(self):  # noqa: ANN204
+        return _refuse_to_unpickle, ()
+
+
+def test_an_unreadable_answer_is_logged_and_the_next_answers_still_arrive(caplog) -> None:
+    transport = PipeTransport([multiprocessing.get_context("spawn").Queue()])
+
+    async def around_a_bad_answer() -> list:
+        transport.send("before", consumer_id=0)
+        received = [await asyncio.wait_for(transport.areceive(0), 30)]  # the reader thread is running
+        transport.send(_Unreadable(), consumer_id=0)
+        transport.send("after", consumer_id=0)
+        return [*received, await asyncio.wait_for(transport.areceive(0), 30)]
+
+    with caplog.at_level(logging.ERROR, logger="hf_tome_server"):
+        assert asyncio.run(around_a_bad_answer()) == ["before", "after"]
+    assert "an answer from an inference worker could not be read: LookupError" in caplog.text
+
+
 class _EchoAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         pass
