@@ -109,6 +109,7 @@ def main() -> None:
     from hf_tome.budgets.search import SearchOptions, constant_r_gmacs, run_search
     from hf_tome.budgets.search_eval import CachedEvaluator
     from hf_tome.budgets.search_space import SearchSpace
+    from hf_tome.config import MERGE_OPTION_DEFAULTS
     from hf_tome.core.macs import nearest_r
     from hf_tome.evaluation.assets.fashion_mnist import load_fashion_mnist
     from hf_tome.evaluation.classification import resolve_dtype
@@ -162,12 +163,11 @@ def main() -> None:
     accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
     # The saved settings (merge rule and mode among them) stay; only the table goes: each setting brings its counts.
     saved = model.tome_config
-    merging = {"merge_rule": saved.merge_rule, "merge_mode": saved.merge_mode,
-               "prune_matched_layers": saved.prune_matched_layers}
+    merging = saved.merging()
     evaluator = CachedEvaluator(hf_tome.apply(model, saved, budget=None, budget_table=None, prune_kept=None,
                                               merge_kept=None), test, processor, accelerator, dtype,
                                 args.batch_size, keep_pixels=True)
-    tome_merging = {"merge_rule": "bipartite", "merge_mode": "mean", "prune_matched_layers": 0}
+    tome_merging = dict(MERGE_OPTION_DEFAULTS)
     other_merging = ", ".join(_merging_words(key, value) for key, value in merging.items()
                               if value != tome_merging[key])
     settings = [{"name": "full", "gflops": full, "prune_kept": None, "merge_kept": None}]

@@ -217,9 +217,24 @@ class ToMeConfig:
         """Inverse of :meth:`to_json_string`."""
         return cls.from_dict(json.loads(text))
 
+    def merging(self, **requested: Any) -> dict[str, Any]:
+        """This config's merge options (:data:`MERGE_OPTIONS`) as keywords, each replaced by ``requested``'s value
+        unless that is None (a search or evaluation that asks for nothing keeps the saved setting)."""
+        unknown = set(requested) - set(MERGE_OPTIONS)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} are not merge options: expected some of {MERGE_OPTIONS}")
+        return {name: getattr(self, name) if requested.get(name) is None else requested[name]
+                for name in MERGE_OPTIONS}
+
     def replace(self, **changes: Any) -> ToMeConfig:
         """A validated copy with some fields changed (a tuple ``r`` replaces ``inflect`` too)."""
         data = {**self.to_dict(), **changes}
         if isinstance(changes.get("r"), tuple) and "inflect" not in changes:
             del data["inflect"]  # the pair's inflect, not this config's
         return ToMeConfig.from_dict(data)
+
+
+MERGE_OPTIONS = ("merge_rule", "merge_mode", "prune_matched_layers")
+"""The fields that say how a hard merge step merges (rather than how many tokens it merges)."""
+MERGE_OPTION_DEFAULTS = {item.name: item.default for item in fields(ToMeConfig) if item.name in MERGE_OPTIONS}
+"""ToMe's own merging: ``{"merge_rule": "bipartite", "merge_mode": "mean", "prune_matched_layers": 0}``."""

@@ -45,3 +45,16 @@ def test_invalid_values_name_field_value_and_allowed(kwargs, message):
 def test_unknown_field():
     with pytest.raises(ValueError, match=r"unknown ToMeConfig field\(s\) \['ratio'\]: expected some of"):
         ToMeConfig.from_dict({"ratio": 3})
+
+
+def test_merging_keeps_the_saved_merge_options_unless_asked_otherwise() -> None:
+    from hf_tome.config import MERGE_OPTION_DEFAULTS
+
+    assert MERGE_OPTION_DEFAULTS == {"merge_rule": "bipartite", "merge_mode": "mean", "prune_matched_layers": 0}
+    assert ToMeConfig().merging() == MERGE_OPTION_DEFAULTS
+    saved = ToMeConfig(r=8, merge_rule="pitome", merge_mode="mlerp", prune_matched_layers=2)
+    assert saved.merging() == {"merge_rule": "pitome", "merge_mode": "mlerp", "prune_matched_layers": 2}
+    assert saved.merging(merge_mode="mean", merge_rule=None, prune_matched_layers=0) == {
+        "merge_rule": "pitome", "merge_mode": "mean", "prune_matched_layers": 0}
+    with pytest.raises(ValueError, match=r"^\['r'\] are not merge options: expected some of \('merge_rule', "):
+        saved.merging(r=4)

@@ -118,10 +118,9 @@ def _load(options: SearchOptions, accelerator):
     saved = ToMeConfig.from_dict(model.config.tome) if getattr(model.config, "tome", None) else ToMeConfig()
     # The candidates are scored, and the table saved, with the requested merge rule, mode and pruning layers (else
     # the saved ones).
-    pruning = saved.prune_matched_layers if options.prune_matched_layers is None else options.prune_matched_layers
     base = saved.replace(r=0, prune_kept=None, merge_kept=None, budget=None, budget_table=None, trace_source=False,
-                         merge_rule=options.merge_rule or saved.merge_rule,
-                         merge_mode=options.merge_mode or saved.merge_mode, prune_matched_layers=pruning)
+                         **saved.merging(merge_rule=options.merge_rule, merge_mode=options.merge_mode,
+                                         prune_matched_layers=options.prune_matched_layers))
     from hf_tome.integration.patch import apply
 
     apply(model, base)

@@ -190,12 +190,11 @@ class CachedEvaluator:
         ones).
         """
         base = self.base_config
-        pruning = base.prune_matched_layers if prune_matched_layers is None else prune_matched_layers
         config = base.replace(r=r, budget=None, budget_table=None, merge_match=merge_match,
                               prune_kept=list(prune_kept) if prune_kept is not None else None,
                               merge_kept=list(merge_kept) if merge_kept is not None else None,
-                              merge_rule=merge_rule or base.merge_rule, merge_mode=merge_mode or base.merge_mode,
-                              prune_matched_layers=pruning)
+                              **base.merging(merge_rule=merge_rule, merge_mode=merge_mode,
+                                             prune_matched_layers=prune_matched_layers))
         self.plan = build_plan(self.model, config)
 
     def evaluate(self, configs: Sequence[tuple], count: int,

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from hf_tome.config import ToMeConfig
+from hf_tome.config import MERGE_OPTION_DEFAULTS, ToMeConfig
 from hf_tome.core.plan import ReductionPlan
 from hf_tome.core.schedule import fewest_after_matching, kept_tokens_per_layer, merge_schedule
 from hf_tome.integration.budget_table import BUDGET_EXTRA_KEYS, resolve_budget
@@ -82,8 +82,7 @@ def _takes_merge_options(adapter: Adapter) -> bool:
 def _check_merge_options(model: nn.Module, config: ToMeConfig, adapter: Adapter) -> None:
     """Refuse a merge rule or mode other than ToMe's for a family whose layers would not apply it (rather than
     merging with ToMe's rule while the config says otherwise)."""
-    defaults = (("merge_rule", "bipartite"), ("merge_mode", "mean"), ("prune_matched_layers", 0))
-    changed = [(name, getattr(config, name), default) for name, default in defaults
+    changed = [(name, getattr(config, name), default) for name, default in MERGE_OPTION_DEFAULTS.items()
                if getattr(config, name) != default]
     if not changed or _takes_merge_options(adapter):
         return
