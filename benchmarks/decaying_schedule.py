@@ -11,9 +11,12 @@ with ``scale`` fitted to the target (``hf_tome.integration.flops.decaying_r_for_
    ``--select-start`` (far past the images the embedded model's head was fitted on). Per reduction the most
    accurate decay without pruning is chosen, and the most accurate (decay, prune layers) pair (ties: the larger
    decay, i.e. the flatter schedule, then fewer pruning layers). No test image takes part in the choice.
+   ``--first-steps`` adds, for every decay, schedules whose layer 0 merges that many tokens with the other layers
+   fitted around it (``decaying_r_for_macs(first=...)``); the chosen schedule may then be one of them.
 2. **Test, on all 10,000 test images.** The unreduced model; then per reduction ToMe's constant r as published
    (mean), constant r with MLERP, the chosen decay with the mean and with MLERP, so the schedule's and MLERP's
-   shares of the gain can be told apart, and the chosen pair with MLERP when it prunes. Images/s are those of the
+   shares of the gain can be told apart, and the chosen pair with MLERP when it prunes. When the chosen schedule
+   has a first step, the best plain decaying one runs too, with MLERP. Images/s are those of the
    same test passes (the first batch is a warm-up), compared with constant-r ToMe at the same target.
 
 Writes ``--out`` (JSON) and a plot of test accuracy against GMACs.
@@ -21,6 +24,9 @@ Writes ``--out`` (JSON) and a plot of test accuracy against GMACs.
     python benchmarks/decaying_schedule.py --threads 2                 # the README's run (about 25 minutes here)
     python benchmarks/decaying_schedule.py --threads 2 --prune-layers 0 2 3 4 5 6 \
         --out benchmarks/results/prune_matched_layers.json --plot benchmarks/plots/prune_matched_layers.png
+    python benchmarks/decaying_schedule.py --threads 2 --speedups 2 --decays 0.85 0.9 --first-steps 40 46 52 \
+        --select-images 10000 --out benchmarks/results/first_step_schedule.json \
+        --plot benchmarks/plots/first_step_schedule.png
     python benchmarks/decaying_schedule.py --limit 256 --select-images 128 --out /tmp/d.json --plot /tmp/d.png
 """
 
@@ -52,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="decays tried on the training images (1.0: constant r)")
     parser.add_argument("--prune-layers", type=int, nargs="+", default=[0],
                         help="ToFu pruning layers tried with every decay (ToMeConfig.prune_matched_layers)")
+    parser.add_argument("--first-steps", type=int, nargs="+", default=[],
+                        help="also try every decay with layer 0 merging this many tokens and the other layers "
+                             "fitted around it (decaying_r_for_macs(first=...))")
     parser.add_argument("--select-images", type=int, default=2000, help="training images for choosing the decay")
     parser.add_argument("--select-start", type=int, default=40000,
                         help="first training image used for the choice (the head was fitted on the first ones)")
@@ -68,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--decays {bad} are invalid: expected factors in (0, 1]")
     if 0 not in args.prune_layers or min(args.prune_layers) < 0:
         parser.error(f"--prune-layers {args.prune_layers} is invalid: expected counts >= 0, including 0")
+    if any(step < 0 for step in args.first_steps):
+        parser.error(f"--first-steps {args.first_steps} is invalid: expected token counts >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     kept_freed_memory = apply_allocator_option(args)
@@ -92,22 +103,33 @@ def main(argv: list[str] | None = None) -> None:
     for speedup, r in constant_r.items():
         target = hf_tome.compute_report(model, config=hf_tome.ToMeConfig(r=r)).total_macs
         tried = []
-        # flattest first, then fewest pruning layers: max() keeps the first of equals
+        # flattest first, then the plain geometric step, then fewest pruning layers: max() keeps the first of equals
         for decay in sorted(args.decays, reverse=True):
-            schedule = r if decay == 1.0 else decaying_r_for_macs(model, target, decay)
-            for layers in sorted(args.prune_layers):
-                hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode="mlerp", prune_matched_layers=layers))
-                accuracy, _ = _evaluate(model, select, device, dtype,
-                                        f"select {speedup:g}x decay={decay:g} prune={layers}")
-                tried.append({"decay": decay, "prune_matched_layers": layers, "schedule": schedule,
-                              "gmacs": hf_tome.compute_report(model).gmacs, "select_accuracy": accuracy})
-                print(f"select {speedup:g}x  decay {decay:4.2f}  prune {layers}  {schedule}  "
-                      f"accuracy {100 * accuracy:6.2f}%")
+            for first in [None, *sorted(args.first_steps)]:
+                if first is None:
+                    schedule = r if decay == 1.0 else decaying_r_for_macs(model, target, decay)
+                else:
+                    schedule = decaying_r_for_macs(model, target, decay, first=first)
+                for layers in sorted(args.prune_layers):
+                    hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode="mlerp",
+                                                            prune_matched_layers=layers))
+                    accuracy, _ = _evaluate(model, select, device, dtype,
+                                            f"select {speedup:g}x decay={decay:g} first={first} prune={layers}")
+                    tried.append({"decay": decay, "first_step": first, "prune_matched_layers": layers,
+                                  "schedule": schedule, "gmacs": hf_tome.compute_report(model).gmacs,
+                                  "select_accuracy": accuracy})
+                    print(f"select {speedup:g}x  decay {decay:4.2f}  first {first}  prune {layers}  {schedule}  "
+                          f"accuracy {100 * accuracy:6.2f}%")
         best = max((row for row in tried if row["prune_matched_layers"] == 0), key=lambda row: row["select_accuracy"])
+        plain = max((row for row in tried if row["prune_matched_layers"] == 0 and row["first_step"] is None),
+                    key=lambda row: row["select_accuracy"])
         pair = max(tried, key=lambda row: row["select_accuracy"])
         selections.append({"speedup": speedup, "constant_r": r, "target_gmacs": target / 1e9, "tried": tried,
-                           "chosen_decay": best["decay"], "chosen_schedule": best["schedule"],
-                           "chosen_pair": {key: pair[key] for key in ("decay", "prune_matched_layers", "schedule")}})
+                           "chosen_decay": best["decay"], "chosen_first_step": best["first_step"],
+                           "chosen_schedule": best["schedule"],
+                           "plain_decay": plain["decay"], "plain_schedule": plain["schedule"],
+                           "chosen_pair": {key: pair[key] for key in ("decay", "first_step", "prune_matched_layers",
+                                                                      "schedule")}})
 
     rows = []
 
@@ -124,14 +146,19 @@ def main(argv: list[str] | None = None) -> None:
     run("unreduced", 0, "mean", None)
     for selection in selections:
         speedup, r, decay = selection["speedup"], selection["constant_r"], selection["chosen_decay"]
+        first = selection["chosen_first_step"]
         run(f"ToMe r={r}", r, "mean", speedup)
         run(f"ToMe r={r}, MLERP", r, "mlerp", speedup)
-        if decay != 1.0:  # 1.0 is the constant schedule, already above
-            run(f"decay {decay:g}", selection["chosen_schedule"], "mean", speedup)
-            run(f"decay {decay:g}, MLERP", selection["chosen_schedule"], "mlerp", speedup)
+        if decay != 1.0 or first is not None:  # decay 1.0 without a first step is constant r, already above
+            shape = _shape_name(decay, first)
+            run(shape, selection["chosen_schedule"], "mean", speedup)
+            run(f"{shape}, MLERP", selection["chosen_schedule"], "mlerp", speedup)
+        if first is not None and selection["plain_decay"] != 1.0:  # the best geometric one, for comparison
+            run(f"decay {selection['plain_decay']:g}, MLERP", selection["plain_schedule"], "mlerp", speedup)
         pair = selection["chosen_pair"]
         if pair["prune_matched_layers"]:
-            shape = f"decay {pair['decay']:g}" if pair["decay"] != 1.0 else f"ToMe r={r}"
+            shape = (_shape_name(pair["decay"], pair["first_step"])
+                     if pair["decay"] != 1.0 or pair["first_step"] is not None else f"ToMe r={r}")
             run(f"{shape}, prune {pair['prune_matched_layers']}, MLERP", pair["schedule"], "mlerp", speedup,
                 pair["prune_matched_layers"])
     hf_tome.remove(model)
@@ -148,11 +175,17 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model.name, "dtype": str(dtype), "threads": torch.get_num_threads(),
         "keep_freed_memory": kept_freed_memory, "batch_size": args.batch_size, "num_test_images": num_images,
         "select_split": "train", "select_start": args.select_start, "select_images": args.select_images,
+        "first_steps": args.first_steps,
         "selections": selections, "rows": rows, "seconds": time.perf_counter() - start, "machine": machine_info(),
     }, indent=2))
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     _plot(rows, args.plot, f"{args.model.name}: {num_images} test images, {dtype}")
     print(f"wrote {args.out}")
+
+
+def _shape_name(decay: float, first: int | None) -> str:
+    """``decay 0.85`` for a plain decaying schedule, ``decay 0.85, first 46`` with a fixed first step."""
+    return f"decay {decay:g}" if first is None else f"decay {decay:g}, first {first}"
 
 
 def _print_table(rows: list[dict]) -> None:

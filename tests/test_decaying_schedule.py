@@ -63,6 +63,39 @@ def test_decay_one_is_constant_r_and_reachable_edges() -> None:
         decaying_r_for_macs(model, 0.5, 0)
 
 
+def test_a_first_step_replaces_layer_0_only() -> None:
+    assert decaying_schedule(10, 0.5, 4, first=20) == [20, 5, 2, 1]
+    assert decaying_schedule(10, 0.5, 4, first=0) == [0, 5, 2, 1]
+    assert decaying_schedule(10, 0.5, 4, first=None) == decaying_schedule(10, 0.5, 4)
+    assert decaying_schedule(10, 0.5, 0, first=3) == []
+
+
+@pytest.mark.parametrize("first", [-1, 2.5, True, "4"])
+def test_a_bad_first_step_is_refused(first) -> None:
+    with pytest.raises(ValueError, match=rf"^first={first!r} is invalid: expected a whole number of tokens >= 0, "
+                                         r"or None$"):
+        decaying_schedule(10, 0.5, 4, first=first)
+
+
+@pytest.mark.parametrize("first", [0, 6, 12])
+def test_decaying_r_for_macs_with_a_first_step_fits_the_other_layers(first: int) -> None:
+    model = make_model("vit-cls", num_hidden_layers=4)  # 65 tokens, 4 layers
+    full = _macs(model, 0)
+    schedule = decaying_r_for_macs(model, 0.6, 0.8, first=first)
+    assert len(schedule) == 4 and schedule[0] == first
+    found = _macs(model, schedule)
+    assert found <= 0.6 * full
+    family = {tuple(decaying_schedule(step / 100, 0.8, 4, first)) for step in range(0, 100 * 70)}
+    best = max(_macs(model, list(other)) for other in family if _macs(model, list(other)) <= 0.6 * full)
+    assert found == best
+    # a larger first step leaves the later layers less to merge at the same target
+    assert decaying_r_for_macs(model, 0.6, 0.8) == [15, 12, 9, 8]
+    assert decaying_r_for_macs(model, 0.6, 0.8, first=20) == [20, 7, 6, 4]
+    with pytest.raises(ValueError, match=r"^MACs target 0\.05 is out of reach with decay=0\.8 and first=0 for this "
+                                         r"model: the most merging gives 0\.\d{4} of the full model's MACs$"):
+        decaying_r_for_macs(model, 0.05, 0.8, first=0)
+
+
 def test_a_decaying_schedule_runs_with_the_reported_token_counts() -> None:
     model = make_model("vit-cls").eval()
     schedule = decaying_r_for_macs(model, 0.5, 0.8)

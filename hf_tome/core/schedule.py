@@ -28,18 +28,26 @@ def merge_schedule(r: int | Sequence[int], num_layers: int, inflect: float = 0.0
     return per_layer + [0] * (num_layers - len(per_layer))
 
 
-def decaying_schedule(scale: float, decay: float, num_layers: int) -> list[int]:
+def decaying_schedule(scale: float, decay: float, num_layers: int, first: int | None = None) -> list[int]:
     """A geometrically decaying schedule: layer ``i`` merges ``round(scale * decay ** i)`` tokens (before clamping).
 
     Front-loaded like ToMe's ``inflect < 0``, but falling by a constant factor per layer instead of a constant step,
     so the last layers keep merging a few tokens rather than none. ``decay=1`` is a constant ``round(scale)``.
+    ``first`` sets layer 0's step on its own (the other layers keep ``round(scale * decay ** i)``): the first layer
+    sees the most redundant tokens (background patches are still alike there), so a larger first step can cost
+    less accuracy than the geometric one at the same MACs.
     :func:`hf_tome.integration.flops.decaying_r_for_macs` fits ``scale`` to a MACs target.
     """
     if not 0.0 < decay <= 1.0:
         raise ValueError(f"decay={decay!r} is invalid: expected a factor in (0, 1]")
     if scale < 0:
         raise ValueError(f"scale={scale!r} is invalid: expected a number of tokens >= 0")
-    return [int(round(scale * decay**layer)) for layer in range(num_layers)]
+    if first is not None and (isinstance(first, bool) or not isinstance(first, int) or first < 0):
+        raise ValueError(f"first={first!r} is invalid: expected a whole number of tokens >= 0, or None")
+    schedule = [int(round(scale * decay**layer)) for layer in range(num_layers)]
+    if first is not None and num_layers:
+        schedule[0] = first
+    return schedule
 
 
 def smallest_scale_within(cost_of: Callable[[float], float], target: float, high: float) -> float | None:

@@ -78,31 +78,33 @@ def constant_r_for_macs(model: nn.Module, target: float, *, image_size: tuple[in
     return found
 
 
-def decaying_r_for_macs(model: nn.Module, target: float, decay: float, *,
+def decaying_r_for_macs(model: nn.Module, target: float, decay: float, *, first: int | None = None,
                         image_size: tuple[int, int] | None = None) -> list[int]:
     """The :func:`~hf_tome.core.schedule.decaying_schedule` of ``decay`` with the most MACs at most ``target``.
 
     ``target`` is a fraction (<= 1) of the unreduced model's MACs at ``image_size``, or MACs per image (> 1). The
     result is a per-layer list for ``ToMeConfig(r=...)``: layer ``i`` merges about ``scale * decay ** i`` tokens,
-    with ``scale`` found by bisection (MACs never rise as it grows). ``ValueError`` when even merging as much as
-    every layer allows does not reach the target.
+    with ``scale`` found by bisection (MACs never rise as it grows). ``first`` fixes layer 0's step and fits the
+    other layers around it. ``ValueError`` when even merging as much as every layer allows does not reach the
+    target.
     """
     model = unwrap_compiled(model)
     full = compute_report(model, image_size, config=ToMeConfig(r=0))
     num_layers, max_r = len(full.tokens_in), full.tokens_in[0]
-    decaying_schedule(0.0, decay, num_layers)  # refuses a decay outside (0, 1] before it is divided by
+    decaying_schedule(0.0, decay, num_layers, first)  # refuses a bad decay or first step before they are used
     target_macs = target * full.total_macs if target <= 1 else target
 
     def macs_of(scale: float) -> int:
-        schedule = decaying_schedule(scale, decay, num_layers)
+        schedule = decaying_schedule(scale, decay, num_layers, first)
         return compute_report(model, image_size, config=ToMeConfig(r=schedule)).total_macs
 
     high = float(max_r) / decay ** (num_layers - 1)  # every layer merges all it can
     scale = smallest_scale_within(macs_of, target_macs, high)
     if scale is None:
-        raise ValueError(f"MACs target {target:.4g} is out of reach with decay={decay} for this model: the most "
-                         f"merging gives {macs_of(high) / full.total_macs:.4f} of the full model's MACs")
-    return decaying_schedule(scale, decay, num_layers)
+        step = "" if first is None else f" and first={first}"
+        raise ValueError(f"MACs target {target:.4g} is out of reach with decay={decay}{step} for this model: the "
+                         f"most merging gives {macs_of(high) / full.total_macs:.4f} of the full model's MACs")
+    return decaying_schedule(scale, decay, num_layers, first)
 
 
 def constant_r_for_reductions(model: nn.Module, reductions: Sequence[float],
