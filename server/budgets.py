@@ -12,7 +12,8 @@ shared model is never re-patched per request. Spec strings (``hf-tome serve --bu
 Options follow as ``,key=value``: ``mode=mlerp`` (``ToMeConfig.merge_mode``), ``rule=pitome``
 (``ToMeConfig.merge_rule``), ``prune=4`` (``ToMeConfig.prune_matched_layers``: ToFu's pruning in the first 4 layers)
 and, for ``macs:`` only, ``decay=0.85``: the decaying schedule with the most MACs under the fraction
-(``hf_tome.decaying_r_for_macs``) instead of constant r. For example ``half=macs:0.5,decay=0.85,mode=mlerp,prune=4``.
+(``hf_tome.decaying_r_for_macs``) instead of constant r, with ``first=46`` fixing layer 0's step (the other layers
+are fitted around it). For example ``half=macs:0.5,decay=0.85,mode=mlerp,prune=4``.
 The token counts, and so batching, are fixed by the schedule alone.
 """
 
@@ -60,9 +61,9 @@ def _options(parts: list[str], spec: str) -> tuple[list[str], dict[str, str]]:
         if not sep:
             positional.append(part)
             continue
-        if key not in (*_OPTIONS, "prune", "decay") or key in options:
+        if key not in (*_OPTIONS, "prune", "decay", "first") or key in options:
             raise ValueError(f"budget spec {spec!r} is invalid: option {key!r} is unknown or given twice; expected "
-                             "mode=, rule=, prune= or (with macs:) decay=, each at most once")
+                             "mode=, rule=, prune= or (with macs:) decay= and first=, each at most once")
         allowed = _OPTIONS.get(key, (None, None))[1]
         if allowed is not None and value not in allowed:
             raise ValueError(f"budget spec {spec!r} is invalid: {key}={value!r}, expected one of {list(allowed)}")
@@ -77,7 +78,7 @@ def _config_from_spec(model: nn.Module, spec: str, image_size: tuple[int, int] |
     try:
         if "prune" in options:  # not an int >= 0: refused below (by int(), or by ToMeConfig)
             merge["prune_matched_layers"] = int(options["prune"])
-        if kind == "r" and "decay" not in options:
+        if kind == "r" and "decay" not in options and "first" not in options:
             if len(positional) not in (1, 2) or not positional[0]:
                 raise ValueError
             inflect = float(positional[1]) if len(positional) == 2 else 0.0
@@ -86,9 +87,13 @@ def _config_from_spec(model: nn.Module, spec: str, image_size: tuple[int, int] |
             fraction = float(positional[0])
             if not 0.0 < fraction <= 1.0:
                 raise ValueError
-            if "decay" in options:  # a decay outside (0, 1] is refused by decaying_schedule: the message below
-                schedule = decaying_r_for_macs(model, fraction, float(options["decay"]), image_size=image_size)
+            if "decay" in options:  # a bad decay or first step is refused by decaying_schedule: the message below
+                first = int(options["first"]) if "first" in options else None
+                schedule = decaying_r_for_macs(model, fraction, float(options["decay"]), first=first,
+                                               image_size=image_size)
                 return hf_tome.ToMeConfig(r=schedule, **merge)
+            if "first" in options:  # a first step belongs to a decaying schedule
+                raise ValueError
             r = constant_r_for_reductions(model, [1.0 / fraction], image_size)[1.0 / fraction]
             return hf_tome.ToMeConfig(r=r, **merge)
     except ValueError as error:
@@ -97,7 +102,7 @@ def _config_from_spec(model: nn.Module, spec: str, image_size: tuple[int, int] |
     raise ValueError(f"budget spec {spec!r} is invalid: expected 'r:<int>', 'r:<int>,<inflect>' or "
                      f"'macs:<fraction in (0, 1]>', then optionally ',mode=<{'|'.join(MERGE_MODES)}>', "
                      f"',rule=<{'|'.join(MERGE_RULES)}>', ',prune=<int >= 0>' or (macs: only) "
-                     "',decay=<factor in (0, 1]>'")
+                     "',decay=<factor in (0, 1]>' and then ',first=<int >= 0>'")
 
 
 def parse_budgets(model: nn.Module, specs: list[str] | tuple[str, ...],

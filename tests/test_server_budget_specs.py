@@ -60,6 +60,12 @@ def test_each_budget_carries_its_plan_and_leaves_the_model_as_it_was() -> None:
     ("x=macs:0.5,decay=abc", r"^budget spec 'macs:0.5,decay=abc' is invalid: expected"),
     ("x=macs:0.5,0.3", r"^budget spec 'macs:0.5,0.3' is invalid: expected"),
     ("x=macs:0.001,decay=0.8", r"^MACs target 0.001 is out of reach with decay=0.8"),
+    ("x=macs:0.5,first=10", r"^budget spec 'macs:0.5,first=10' is invalid: expected .*',decay=<factor in \(0, 1\]>' "
+                            r"and then ',first=<int >= 0>'$"),
+    ("x=r:4,first=10", r"^budget spec 'r:4,first=10' is invalid: expected"),
+    ("x=macs:0.5,decay=0.8,first=-2", r"^budget spec 'macs:0.5,decay=0.8,first=-2' is invalid: expected"),
+    ("x=macs:0.5,decay=0.8,first=2.5", r"^budget spec 'macs:0.5,decay=0.8,first=2.5' is invalid: expected"),
+    ("x=macs:0.001,decay=0.8,first=4", r"^MACs target 0.001 is out of reach with decay=0.8 and first=4"),
     ("x=r:4,prune=two", r"^budget spec 'r:4,prune=two' is invalid: expected .*',prune=<int >= 0>'"),
     ("x=r:4,prune=-1", r"^budget spec 'r:4,prune=-1' is invalid: expected"),
     ("x=r:4,prune=5", r"^ToMeConfig.prune_matched_layers=5 is invalid for ViTForImageClassification: it has 4 "
@@ -93,6 +99,16 @@ def test_the_prune_option_sets_tofus_pruning_layers_on_the_plan() -> None:
     assert [tofu.plan.merge_for_layer(i).mode for i in range(4)] == ["prune", "prune", "mlerp", "mlerp"]
     assert tofu.tokens_per_layer == plain.tokens_per_layer and tofu.gmacs == plain.gmacs  # pruning moves no count
     assert tofu.summary()["prune_matched_layers"] == 2 and plain.summary()["prune_matched_layers"] == 0
+
+
+def test_the_first_option_fixes_layer_0_of_a_decaying_schedule() -> None:
+    model = make_model("vit-cls")
+    budgets = parse_budgets(model, ["front=macs:0.5,decay=0.85,first=20,mode=mlerp", "plain=macs:0.5,decay=0.85"])
+    front, plain = budgets["front"], budgets["plain"]
+    assert front.config == hf_tome.ToMeConfig(r=decaying_r_for_macs(model, 0.5, 0.85, first=20), merge_mode="mlerp")
+    assert front.plan.layer_r[0] == 20 != plain.plan.layer_r[0]
+    assert front.gmacs <= parse_budgets(model, ["full=r:0"])["full"].gmacs / 2
+    assert front.tokens_per_layer[1] == front.tokens_per_layer[0] - 20
 
 
 def test_duplicate_budget_names_are_refused() -> None:
