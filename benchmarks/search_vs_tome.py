@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ToMe schedules seeded into the last stage (alone: none)")
     parser.add_argument("--tome-decays", type=float, nargs="*", default=[0.8, 0.85, 0.9], metavar="DECAY",
                         help="decaying ToMe schedules seeded into the last stage (alone: none)")
+    parser.add_argument("--tome-first-steps", type=int, nargs="*", default=None, metavar="TOKENS",
+                        help="also seed every decay with its first compressible layer merging TOKENS tokens")
     parser.add_argument("--shaped", type=float, default=0.75, help="fraction of ToMe-like shaped candidates")
     parser.add_argument("--targets-at-tome-r", type=int, nargs="+", default=[12, 18], metavar="R",
                         help="use the MACs of constant-r ToMe with these r as the targets (the same MACs exactly)")
@@ -144,7 +146,7 @@ def main() -> None:
                                 merge_rule=args.merge_rule, merge_mode=args.merge_mode,
                                 prune_matched_layers=args.prune_matched_layers,
                                 protect_block_0=args.protect_block_0, tome_seeds=args.tome_seeds,
-                                tome_decays=args.tome_decays,
+                                tome_decays=args.tome_decays, tome_first_steps=args.tome_first_steps,
                                 batch_size=args.batch_size, dtype=args.dtype, out=args.search_out or _cache_folder(),
                                 baseline=False, **given)
         search_payload = run_search(options)

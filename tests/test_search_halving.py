@@ -122,6 +122,30 @@ def test_decaying_seeds_are_the_library_schedules_at_each_target():
     assert protected[0].merge_kept[0] == 65 and protected[0].merge_kept[1] < 65
 
 
+def test_first_step_seeds_fix_the_first_compressible_layer():
+    model = make_model("vit-cls", num_hidden_layers=4)
+    space = _space(model)
+    target = 0.5 * space.full_gmacs
+    seeds = tome_seeds(space, [target], [], [0.85], [20])
+    assert [c.origin for c in seeds] == ["tome decay=0.85", "tome decay=0.85 first=20"]
+    front = seeds[1]
+    schedule = decaying_r_for_macs(model, target * 1e9 * (1 + 1e-9), 0.85, first=20)
+    counts = hf_tome.compute_report(model, config=hf_tome.ToMeConfig(r=schedule))
+    assert schedule[0] == 20 and list(front.merge_kept) == counts.tokens_out and front.merge_kept[0] == 65 - 20
+    assert front.gmacs <= target * (1 + 1e-9)
+    candidates = sample_candidates(space, [target], 4, seed=0, tome_decays=[0.85], tome_first_steps=[20])
+    assert "tome decay=0.85 first=20" in [c.origin for c in candidates if c.is_tome_seed]
+    protected = tome_seeds(_space(model, protect_block_0=True), [0.8 * space.full_gmacs], [], [0.85], [10])
+    assert protected[1].merge_kept[0] == 65 and protected[1].merge_kept[1] == 65 - 10  # block 1 takes the step
+
+
+@pytest.mark.parametrize(("steps", "decays"), [([-1], [0.8]), ([2.5], [0.8]), ([4], [])])
+def test_bad_tome_first_steps_are_refused(steps, decays):
+    with pytest.raises(ValueError, match=r"^tome_first_steps=\[.*\] is invalid: expected token counts >= 0, with at "
+                                         r"least one of tome_decays$"):
+        resolve_schedule(SearchOptions(tome_decays=decays, tome_first_steps=steps), 2)
+
+
 @pytest.mark.parametrize("decays", [[0.0], [1.2, 0.8]])
 def test_bad_tome_decays_are_refused(decays):
     with pytest.raises(ValueError, match=r"^tome_decays=\[.*\] are invalid: expected factors in \(0, 1\]$"):

@@ -35,6 +35,7 @@ class SearchOptions:
     protect_block_0: bool = False
     tome_seeds: list[float] = field(default_factory=lambda: [0.0, -0.5, 0.5])
     tome_decays: list[float] = field(default_factory=lambda: [0.8, 0.85, 0.9])
+    tome_first_steps: list[int] | None = None
     shaped: float = 0.75
     merge_matches: list[str] = field(default_factory=lambda: list(MERGE_MATCHES))
     merge_rule: str | None = None
@@ -103,6 +104,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also seed the last stage with ToMe's matching on a geometrically decaying schedule "
                         "(layer i merges about scale * DECAY**i tokens, scale fitted to each target), one per decay "
                         "in (0, 1]. Give the option alone for none")
+    parser.add_argument("--tome-first-steps", type=int, nargs="*", default=None, metavar="TOKENS",
+                        help="also seed, for every --tome-decays value, the decaying schedule whose first compressible "
+                        "layer merges TOKENS tokens (the other layers fitted to each target); default: none")
     parser.add_argument("--shaped", type=float, default=defaults.shaped, help="fraction of the random candidates "
                         "drawn with ToMe-like shapes and small prune shares (the rest: any non-increasing profile)")
     parser.add_argument("--merge-matches", nargs="+", choices=list(MERGE_MATCHES), default=defaults.merge_matches,
@@ -171,6 +175,11 @@ def resolve_schedule(options: SearchOptions, num_targets: int) -> tuple[list[int
     bad_decays = [decay for decay in options.tome_decays if not 0 < decay <= 1]
     if bad_decays:
         raise ValueError(f"tome_decays={bad_decays} are invalid: expected factors in (0, 1]")
+    first_steps = options.tome_first_steps or []
+    bad_steps = [step for step in first_steps if isinstance(step, bool) or not isinstance(step, int) or step < 0]
+    if bad_steps or (first_steps and not options.tome_decays):
+        raise ValueError(f"tome_first_steps={list(first_steps)} is invalid: expected token counts >= 0, with at "
+                         "least one of tome_decays")
     if not 0 < keep <= 1:
         raise ValueError(f"keep={keep} is invalid: expected a fraction in (0, 1]")
     return stages, keep, candidates

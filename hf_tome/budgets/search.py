@@ -162,7 +162,7 @@ def run_search(options: SearchOptions) -> dict:
         space = SearchSpace.for_shape(space.shape, protect_block_0=options.protect_block_0)
         candidates = sample_candidates(space, targets, count, options.seed, shaped=options.shaped,
                                        merge_matches=options.merge_matches, tome_inflects=options.tome_seeds,
-                                       tome_decays=options.tome_decays)
+                                       tome_decays=options.tome_decays, tome_first_steps=options.tome_first_steps or ())
         estimate = measure_search_estimate(searcher, candidates, stage_images, keep)
         log["schedule"] = {"strategy": options.strategy, "stage_images": stage_images, "keep": keep,
                            "candidates": count, "tome_seeds": [c.origin for c in candidates if c.is_tome_seed],

@@ -180,19 +180,22 @@ class SearchSpace:
         """GMACs per image of :meth:`tome_kept_lists`."""
         return self.gmacs(*self.tome_kept_lists(r, inflect))
 
-    def decaying_kept_lists(self, scale: float, decay: float) -> tuple[list[int], list[int]]:
+    def decaying_kept_lists(self, scale: float, decay: float,
+                            first: int | None = None) -> tuple[list[int], list[int]]:
         """A decaying schedule (:func:`~hf_tome.core.schedule.decaying_schedule`, counted from the first
-        compressible layer) as kept counts, like :meth:`tome_kept_lists`."""
-        schedule = [0] * self.first_layer + decaying_schedule(scale, decay, self.steps)
+        compressible layer, whose step ``first`` fixes when given) as kept counts, like :meth:`tome_kept_lists`."""
+        schedule = [0] * self.first_layer + decaying_schedule(scale, decay, self.steps, first)
         counts = tokens_per_layer(self.num_tokens, schedule, self.shape.protected)
         return counts[:-1], counts[1:]
 
-    def decaying_fit(self, decay: float, target_gmacs: float) -> tuple[list[int], list[int]] | None:
-        """The decaying schedule of ``decay`` with the most GMACs not above ``target_gmacs`` (None: out of reach)."""
+    def decaying_fit(self, decay: float, target_gmacs: float,
+                     first: int | None = None) -> tuple[list[int], list[int]] | None:
+        """The decaying schedule of ``decay`` (with its first step ``first``, if given) with the most GMACs not above
+        ``target_gmacs`` (None: out of reach)."""
         high = float(self.num_tokens) / decay ** self.steps  # every layer merges all it can
-        scale = smallest_scale_within(lambda value: self.gmacs(*self.decaying_kept_lists(value, decay)), target_gmacs,
-                                      high)
-        return None if scale is None else self.decaying_kept_lists(scale, decay)
+        scale = smallest_scale_within(lambda value: self.gmacs(*self.decaying_kept_lists(value, decay, first)),
+                                      target_gmacs, high)
+        return None if scale is None else self.decaying_kept_lists(scale, decay, first)
 
 
 def random_profile(rng: random.Random, num_layers: int, first_layer: int = 1) -> tuple[list[float], list[float]]:
@@ -262,7 +265,7 @@ def canonical_profiles(num_layers: int, first_layer: int = 1) -> list[tuple[list
 
 
 def tome_seeds(space: SearchSpace, targets_gmacs: Sequence[float], inflects: Sequence[float] = (0.0, -0.5, 0.5),
-               decays: Sequence[float] = ()) -> list[Candidate]:
+               decays: Sequence[float] = (), first_steps: Sequence[int] = ()) -> list[Candidate]:
     """ToMe's own schedules at every target: for each ``inflect``, the smallest r whose ``(r, inflect)`` schedule
     costs at most the target (as ``hf_tome.integration.flops.constant_r_for_macs`` picks it), written as kept counts
     (:meth:`SearchSpace.tome_kept_lists`) with ``merge_match="bipartite"`` and ``origin="tome r=..."``.
@@ -273,7 +276,9 @@ def tome_seeds(space: SearchSpace, targets_gmacs: Sequence[float], inflects: Seq
 
     ``decays`` adds, for each decay, the decaying schedule with the most GMACs under the target
     (:meth:`SearchSpace.decaying_fit`, ``origin="tome decay=0.85"``): ToMe's matching with a geometrically falling r,
-    which on the embedded DINOv2-S loses less than constant r at 2x fewer MACs.
+    which on the embedded DINOv2-S loses less than constant r at 2x fewer MACs. ``first_steps`` adds, for each
+    decay and step, the same with the first compressible layer merging that many tokens
+    (``origin="tome decay=0.85 first=46"``).
     """
     seeds: list[Candidate] = []
     for index, target in enumerate(targets_gmacs):
@@ -284,7 +289,9 @@ def tome_seeds(space: SearchSpace, targets_gmacs: Sequence[float], inflects: Seq
             origin = f"tome r={r}" if inflect == 0 else f"tome r={r} inflect={inflect:g}"
             schedules.append((origin, None if r is None else space.tome_kept_lists(r, inflect)))
         for decay in decays:
-            schedules.append((f"tome decay={decay:g}", space.decaying_fit(decay, target * (1 + 1e-9))))
+            for first in [None, *first_steps]:
+                origin = f"tome decay={decay:g}" if first is None else f"tome decay={decay:g} first={first}"
+                schedules.append((origin, space.decaying_fit(decay, target * (1 + 1e-9), first)))
         seen: set[tuple] = set()
         for origin, kept in schedules:
             if kept is None or (tuple(kept[0]), tuple(kept[1])) in seen:
@@ -297,13 +304,15 @@ def tome_seeds(space: SearchSpace, targets_gmacs: Sequence[float], inflects: Seq
 def sample_candidates(space: SearchSpace, targets_gmacs: list[float], count: int, seed: int = 0,
                       canonical: bool = True, shaped: float = 0.75,
                       merge_matches: Sequence[str] = MERGE_MATCHES,
-                      tome_inflects: Sequence[float] = (), tome_decays: Sequence[float] = ()) -> list[Candidate]:
+                      tome_inflects: Sequence[float] = (), tome_decays: Sequence[float] = (),
+                      tome_first_steps: Sequence[int] = ()) -> list[Candidate]:
     """``count`` candidates spread evenly over the targets, each just under its target's GMACs.
 
     With ``canonical``, each target's first candidates are :func:`canonical_profiles` (when they fit in the
     count), the rest random: a ``shaped`` fraction from :func:`shaped_profile`, the others from
     :func:`random_profile`. Candidates take the ``merge_matches`` in turn, so every rule gets its share.
-    ``tome_inflects`` and ``tome_decays`` add ToMe's own schedules and decaying ones (:func:`tome_seeds`) first, on
+    ``tome_inflects``, ``tome_decays`` and ``tome_first_steps`` add ToMe's own schedules and decaying ones
+    (:func:`tome_seeds`) first, on
     top of ``count``; a random draw that repeats one is dropped. Deterministic for a seed, so every process of a
     distributed search draws the same.
     """
@@ -319,7 +328,7 @@ def sample_candidates(space: SearchSpace, targets_gmacs: list[float], count: int
     seen: set[tuple] = set()  # different draws can round to the same counts: evaluate each setting once
     layers, first = space.num_layers, space.first_layer
     for index, target in enumerate(targets_gmacs):
-        for seed_candidate in tome_seeds(space, [target], tome_inflects, tome_decays):
+        for seed_candidate in tome_seeds(space, [target], tome_inflects, tome_decays, tome_first_steps):
             if seed_candidate.setting not in seen:
                 seen.add(seed_candidate.setting)
                 candidates.append(replace(seed_candidate, target=index))
