@@ -200,13 +200,16 @@ def _print_table(rows: list[dict]) -> None:
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
     base = rows[0]
-    series = {"ToMe (constant r, mean)": ("ToMe", "mean"), "constant r, MLERP": ("ToMe", "mlerp"),
-              "decaying, mean": ("decay", "mean"), "decaying, MLERP": ("decay", "mlerp")}
+    series = {"ToMe (constant r, mean)": ("ToMe", "mean", False), "constant r, MLERP": ("ToMe", "mlerp", False),
+              "decaying, mean": ("decay", "mean", False), "decaying, MLERP": ("decay", "mlerp", False),
+              "decaying with a first step, mean": ("decay", "mean", True),
+              "decaying with a first step, MLERP": ("decay", "mlerp", True)}
     curves = {label: sorted([(base["gmacs"], 100 * base["accuracy"])]
                             + [(row["gmacs"], 100 * row["accuracy"]) for row in rows
                                if row["setting"].startswith(prefix) and row["merge_mode"] == mode
-                               and not row.get("prune_matched_layers")])
-              for label, (prefix, mode) in series.items()}
+                               and (", first " in row["setting"]) == first and not row.get("prune_matched_layers")])
+              for label, (prefix, mode, first) in series.items()}
+    curves = {label: points for label, points in curves.items() if len(points) > 1}  # only the series that ran
     # only where the choice pruned: its points alone, not a line through the unreduced model
     pruning = sorted((row["gmacs"], 100 * row["accuracy"]) for row in rows if row.get("prune_matched_layers"))
     plot_accuracy_curves(curves, path, title, {"chosen schedule + ToFu pruning, MLERP": pruning})
