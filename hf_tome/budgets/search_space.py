@@ -312,9 +312,8 @@ def sample_candidates(space: SearchSpace, targets_gmacs: list[float], count: int
     count), the rest random: a ``shaped`` fraction from :func:`shaped_profile`, the others from
     :func:`random_profile`. Candidates take the ``merge_matches`` in turn, so every rule gets its share.
     ``tome_inflects``, ``tome_decays`` and ``tome_first_steps`` add ToMe's own schedules and decaying ones
-    (:func:`tome_seeds`) first, on
-    top of ``count``; a random draw that repeats one is dropped. Deterministic for a seed, so every process of a
-    distributed search draws the same.
+    (:func:`tome_seeds`) first, on top of ``count``; a random draw that repeats one is dropped. Deterministic for a
+    seed, so every process of a distributed search draws the same.
     """
     if not 0.0 <= shaped <= 1.0:
         raise ValueError(f"shaped={shaped!r} is invalid: expected a fraction in [0, 1]")

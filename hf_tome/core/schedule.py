@@ -33,9 +33,9 @@ def decaying_schedule(scale: float, decay: float, num_layers: int, first: int | 
 
     Front-loaded like ToMe's ``inflect < 0``, but falling by a constant factor per layer instead of a constant step,
     so the last layers keep merging a few tokens rather than none. ``decay=1`` is a constant ``round(scale)``.
-    ``first`` sets layer 0's step on its own (the other layers keep ``round(scale * decay ** i)``): the first layer
-    sees the most redundant tokens (background patches are still alike there), so a larger first step can cost
-    less accuracy than the geometric one at the same MACs.
+    ``first`` sets layer 0's step on its own (the other layers keep ``round(scale * decay ** i)``), to merge more
+    where tokens are most alike. On the embedded DINOv2-S at 2x fewer MACs it measured no better than the plain
+    schedule (README, "A larger first step").
     :func:`hf_tome.integration.flops.decaying_r_for_macs` fits ``scale`` to a MACs target.
     """
     if not 0.0 < decay <= 1.0:
