@@ -106,10 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         # flattest first, then the plain geometric step, then fewest pruning layers: max() keeps the first of equals
         for decay in sorted(args.decays, reverse=True):
             for first in [None, *sorted(args.first_steps)]:
-                if first is None:
-                    schedule = r if decay == 1.0 else decaying_r_for_macs(model, target, decay)
-                else:
-                    schedule = decaying_r_for_macs(model, target, decay, first=first)
+                constant = decay == 1.0 and first is None
+                schedule = r if constant else decaying_r_for_macs(model, target, decay, first=first)
                 for layers in sorted(args.prune_layers):
                     hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode="mlerp",
                                                             prune_matched_layers=layers))
@@ -150,15 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         run(f"ToMe r={r}", r, "mean", speedup)
         run(f"ToMe r={r}, MLERP", r, "mlerp", speedup)
         if decay != 1.0 or first is not None:  # decay 1.0 without a first step is constant r, already above
-            shape = _shape_name(decay, first)
+            shape = _shape_name(decay, first, r)
             run(shape, selection["chosen_schedule"], "mean", speedup)
             run(f"{shape}, MLERP", selection["chosen_schedule"], "mlerp", speedup)
         if first is not None and selection["plain_decay"] != 1.0:  # the best geometric one, for comparison
             run(f"decay {selection['plain_decay']:g}, MLERP", selection["plain_schedule"], "mlerp", speedup)
         pair = selection["chosen_pair"]
         if pair["prune_matched_layers"]:
-            shape = (_shape_name(pair["decay"], pair["first_step"])
-                     if pair["decay"] != 1.0 or pair["first_step"] is not None else f"ToMe r={r}")
+            shape = _shape_name(pair["decay"], pair["first_step"], r)
             run(f"{shape}, prune {pair['prune_matched_layers']}, MLERP", pair["schedule"], "mlerp", speedup,
                 pair["prune_matched_layers"])
     hf_tome.remove(model)
@@ -183,9 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}")
 
 
-def _shape_name(decay: float, first: int | None) -> str:
-    """``decay 0.85`` for a plain decaying schedule, ``decay 0.85, first 46`` with a fixed first step."""
-    return f"decay {decay:g}" if first is None else f"decay {decay:g}, first {first}"
+def _shape_name(decay: float, first: int | None, r: int) -> str:
+    """``decay 0.85`` for a plain decaying schedule, ``decay 0.85, first 46`` with a fixed first step, ``ToMe r=21``
+    for decay 1 without one (constant r)."""
+    if first is not None:
+        return f"decay {decay:g}, first {first}"
+    return f"ToMe r={r}" if decay == 1.0 else f"decay {decay:g}"
 
 
 def _print_table(rows: list[dict]) -> None:
