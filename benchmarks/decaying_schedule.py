@@ -16,8 +16,10 @@ with ``scale`` fitted to the target (``hf_tome.integration.flops.decaying_r_for_
 2. **Test, on all 10,000 test images.** The unreduced model; then per reduction ToMe's constant r as published
    (mean), constant r with MLERP, the chosen decay with the mean and with MLERP, so the schedule's and MLERP's
    shares of the gain can be told apart, and the chosen pair with MLERP when it prunes. When the chosen schedule
-   has a first step, the best plain decaying one runs too, with MLERP. Images/s are those of the
-   same test passes (the first batch is a warm-up), compared with constant-r ToMe at the same target.
+   has a first step, the best plain decaying one runs too, with MLERP. ``--merge-rules agglomerative`` adds, per
+   rule, constant r and the chosen schedule with that rule (``ToMeConfig.merge_rule``) and MLERP; the schedule is
+   the one chosen with ToMe's bipartite matching. Images/s are those of the same test passes (the first batch is a
+   warm-up), compared with constant-r ToMe at the same target.
 
 Writes ``--out`` (JSON) and a plot of test accuracy against GMACs.
 
@@ -27,6 +29,8 @@ Writes ``--out`` (JSON) and a plot of test accuracy against GMACs.
     python benchmarks/decaying_schedule.py --threads 2 --speedups 2 --decays 0.85 0.9 --first-steps 40 46 52 \
         --select-images 10000 --out benchmarks/results/first_step_schedule.json \
         --plot benchmarks/plots/first_step_schedule.png
+    python benchmarks/decaying_schedule.py --threads 2 --speedups 2 --decays 0.85 --merge-rules agglomerative \
+        --out benchmarks/results/agglomerative_schedule.json --plot benchmarks/plots/agglomerative_schedule.png
     python benchmarks/decaying_schedule.py --limit 256 --select-images 128 --out /tmp/d.json --plot /tmp/d.png
 """
 
@@ -42,6 +46,7 @@ from allocator_option import add_allocator_option, apply_allocator_option
 from merge_rules import _evaluate, plot_accuracy_curves, split_batches
 
 import hf_tome
+from hf_tome.config import MERGE_RULES
 from hf_tome.evaluation.classification import resolve_dtype
 from hf_tome.evaluation.reporting import machine_info
 from hf_tome.integration.flops import constant_r_for_reductions, decaying_r_for_macs
@@ -61,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-steps", type=int, nargs="+", default=[],
                         help="also try every decay with layer 0 merging this many tokens and the other layers "
                              "fitted around it (decaying_r_for_macs(first=...))")
+    parser.add_argument("--merge-rules", nargs="+", default=[], choices=[r for r in MERGE_RULES if r != "bipartite"],
+                        help="other merge rules to test, with MLERP, at constant r and at the chosen schedule")
     parser.add_argument("--select-images", type=int, default=2000, help="training images for choosing the decay")
     parser.add_argument("--select-start", type=int, default=40000,
                         help="first training image used for the choice (the head was fitted on the first ones)")
@@ -131,11 +138,13 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
 
-    def run(name: str, schedule: int | list[int], mode: str, speedup: float | None, prune_layers: int = 0) -> None:
-        hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode=mode, prune_matched_layers=prune_layers))
+    def run(name: str, schedule: int | list[int], mode: str, speedup: float | None, prune_layers: int = 0,
+            rule: str = "bipartite") -> None:
+        hf_tome.apply(model, hf_tome.ToMeConfig(r=schedule, merge_mode=mode, prune_matched_layers=prune_layers,
+                                                merge_rule=rule))
         accuracy, images_per_s = _evaluate(model, test, device, dtype, name)
         report = hf_tome.compute_report(model)
-        rows.append({"setting": name, "speedup_target": speedup, "r": schedule, "merge_mode": mode,
+        rows.append({"setting": name, "speedup_target": speedup, "r": schedule, "merge_rule": rule, "merge_mode": mode,
                      "prune_matched_layers": prune_layers,
                      "gmacs": report.gmacs, "macs_fraction": report.total_macs / full_macs,
                      "tokens_per_layer": report.tokens_in, "accuracy": accuracy, "images_per_s": images_per_s})
@@ -158,12 +167,18 @@ def main(argv: list[str] | None = None) -> None:
             shape = _shape_name(pair["decay"], pair["first_step"], r)
             run(f"{shape}, prune {pair['prune_matched_layers']}, MLERP", pair["schedule"], "mlerp", speedup,
                 pair["prune_matched_layers"])
+        for rule in args.merge_rules:
+            run(f"ToMe r={r}, {rule}, MLERP", r, "mlerp", speedup, rule=rule)
+            if decay != 1.0 or first is not None:
+                run(f"{_shape_name(decay, first, r)}, {rule}, MLERP", selection["chosen_schedule"], "mlerp", speedup,
+                    rule=rule)
     hf_tome.remove(model)
     base = rows[0]
     for row in rows:
         row["accuracy_drop_points"] = 100 * (base["accuracy"] - row["accuracy"])
         tome = next((other for other in rows if other["speedup_target"] == row["speedup_target"]
-                     and other["setting"].startswith("ToMe") and other["merge_mode"] == "mean"), None)
+                     and other["setting"].startswith("ToMe") and other["merge_mode"] == "mean"
+                     and other["merge_rule"] == "bipartite"), None)
         row["images_per_s_vs_tome"] = None if tome is None else row["images_per_s"] / tome["images_per_s"]
     _print_table(rows)
     num_images = sum(len(labels) for _, labels in test)
@@ -172,11 +187,11 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model.name, "dtype": str(dtype), "threads": torch.get_num_threads(),
         "keep_freed_memory": kept_freed_memory, "batch_size": args.batch_size, "num_test_images": num_images,
         "select_split": "train", "select_start": args.select_start, "select_images": args.select_images,
-        "first_steps": args.first_steps,
+        "first_steps": args.first_steps, "merge_rules": args.merge_rules,
         "selections": selections, "rows": rows, "seconds": time.perf_counter() - start, "machine": machine_info(),
     }, indent=2))
     args.plot.parent.mkdir(parents=True, exist_ok=True)
-    _plot(rows, args.plot, f"{args.model.name}: {num_images} test images, {dtype}")
+    _plot(rows, args.plot, f"{args.model.name}: {num_images} test images, {dtype}", args.merge_rules)
     print(f"wrote {args.out}")
 
 
@@ -198,17 +213,24 @@ def _print_table(rows: list[dict]) -> None:
               f"{versus} |")
 
 
-def _plot(rows: list[dict], path: Path, title: str) -> None:
+def _plot(rows: list[dict], path: Path, title: str, merge_rules: list[str]) -> None:
     base = rows[0]
-    series = {"ToMe (constant r, mean)": ("ToMe", "mean", False), "constant r, MLERP": ("ToMe", "mlerp", False),
-              "decaying, mean": ("decay", "mean", False), "decaying, MLERP": ("decay", "mlerp", False),
-              "decaying with a first step, mean": ("decay", "mean", True),
-              "decaying with a first step, MLERP": ("decay", "mlerp", True)}
+    series = {"ToMe (constant r, mean)": ("ToMe", "mean", False, "bipartite"),
+              "constant r, MLERP": ("ToMe", "mlerp", False, "bipartite"),
+              "decaying, mean": ("decay", "mean", False, "bipartite"),
+              "decaying, MLERP": ("decay", "mlerp", False, "bipartite"),
+              "decaying with a first step, mean": ("decay", "mean", True, "bipartite"),
+              "decaying with a first step, MLERP": ("decay", "mlerp", True, "bipartite")}
+    for rule in merge_rules:
+        series[f"constant r, {rule}, MLERP"] = ("ToMe", "mlerp", False, rule)
+        series[f"decaying, {rule}, MLERP"] = ("decay", "mlerp", False, rule)
+        series[f"decaying with a first step, {rule}, MLERP"] = ("decay", "mlerp", True, rule)
     curves = {label: sorted([(base["gmacs"], 100 * base["accuracy"])]
                             + [(row["gmacs"], 100 * row["accuracy"]) for row in rows
                                if row["setting"].startswith(prefix) and row["merge_mode"] == mode
-                               and (", first " in row["setting"]) == first and not row.get("prune_matched_layers")])
-              for label, (prefix, mode, first) in series.items()}
+                               and row["merge_rule"] == rule and (", first " in row["setting"]) == first
+                               and not row.get("prune_matched_layers")])
+              for label, (prefix, mode, first, rule) in series.items()}
     curves = {label: points for label, points in curves.items() if len(points) > 1}  # only the series that ran
     # only where the choice pruned: its points alone, not a line through the unreduced model
     pruning = sorted((row["gmacs"], 100 * row["accuracy"]) for row in rows if row.get("prune_matched_layers"))

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="use the MACs of constant-r ToMe with these r as the targets (the same MACs exactly)")
     parser.add_argument("--merge-matches", nargs="+", default=["class_attention", "bipartite"],
                         help="merge rules the candidates take in turn (see hf-tome search --help)")
-    parser.add_argument("--merge-rule", choices=["bipartite", "pitome"], default=None,
+    parser.add_argument("--merge-rule", choices=["bipartite", "pitome", "agglomerative"], default=None,
                         help="merge rule of the searched candidates (see hf-tome search --help; default bipartite)")
     parser.add_argument("--merge-mode", choices=["mean", "mlerp"], default=None,
                         help="merge mode of the searched candidates (default mean). Constant-r ToMe always runs "

@@ -6,7 +6,8 @@ clip is padded to Whisper's 30 s window, so most encoder frames are silence). Se
 each ``--targets`` value and each ``--inflect`` schedule shape (constant and decreasing by default), the smallest
 r whose encoder MACs reduction reaches it, run with every ``--rules`` entry at that same r (so at equal MACs):
 ``tome`` (bipartite matching, mean merge; the default and only rule unless asked), ``pitome`` (PiToMe's energy
-rule), ``mlerp`` (ToMe's matching, MLERP merge) and ``pitome+mlerp``; the rows of rules other than tome are named
+rule), ``mlerp`` (ToMe's matching, MLERP merge), ``pitome+mlerp`` and ``atc+mlerp`` (ATC's average-linkage
+clustering, MLERP merge); the rows of rules other than tome are named
 with the rule as a suffix (``r=8, mlerp``).
 WER comes from greedy ``generate()`` over all sentences; encoder time is the encoder alone on one batch of features,
 timed in round-robin rounds (all settings on the same model instance; median and fastest round) in the same run, so
@@ -37,7 +38,8 @@ from hf_tome.evaluation.assets.whisper import whisper_tiny_en_path
 from hf_tome.integration.flops import constant_r_for_macs
 
 RULES = {"tome": ("bipartite", "mean", 0), "pitome": ("pitome", "mean", 0), "mlerp": ("bipartite", "mlerp", 0),
-         "pitome+mlerp": ("pitome", "mlerp", 0), "mlerp+prune1": ("bipartite", "mlerp", 1)}
+         "pitome+mlerp": ("pitome", "mlerp", 0), "mlerp+prune1": ("bipartite", "mlerp", 1),
+         "atc+mlerp": ("agglomerative", "mlerp", 0)}
 """Rule name -> (``ToMeConfig.merge_rule``, ``merge_mode``, ``prune_matched_layers``). ``mlerp+prune1`` prunes in
 the first of the encoder's 4 layers: the share of depth (a third) that ``decaying_schedule.py`` chose for DINOv2-S
 (4 of 12) on training images; nothing was tuned on these clips."""

@@ -13,7 +13,7 @@ from typing import Any
 MERGE_MATCHES = ("class_attention", "bipartite")
 """How the merge step of unified compression picks what to merge (see ``ToMeConfig.merge_match``)."""
 
-MERGE_RULES = ("bipartite", "pitome")
+MERGE_RULES = ("bipartite", "pitome", "agglomerative")
 """Which tokens a bipartite merge step merges (see ``ToMeConfig.merge_rule``)."""
 
 MERGE_MODES = ("mean", "mlerp")
@@ -82,7 +82,9 @@ class ToMeConfig:
             schedule, and ``merge_match="bipartite"`` after pruning): ``"bipartite"`` (ToMe: set A = even, set B =
             odd positions, the r most similar pairs merge) or ``"pitome"`` (PiToMe: the 2r tokens of highest
             energy on the keys' cosine-similarity graph split alternately into A and B, all of A merges into B;
-            isolated, low-energy tokens are never merged). Both remove exactly r tokens per layer.
+            isolated, low-energy tokens are never merged) or ``"agglomerative"`` (ATC: average-linkage clustering
+            on the keys' cosine similarities, the closest two clusters joining r times, so a cluster may grow past
+            two tokens in one layer). Each removes exactly r tokens per layer.
         merge_mode: how a merged group's hidden state is formed: ``"mean"`` (ToMe's size-weighted mean) or
             ``"mlerp"`` (ToFu's MLERP: the size-weighted mean direction, rescaled to the size-weighted mean of the
             members' norms). Sizes and sources are summed either way. Applies to every hard merge (ToMe's, PiToMe's

@@ -9,11 +9,11 @@ shared model is never re-patched per request. Spec strings (``hf-tome serve --bu
 - ``fast=r:16``         constant r; ``r:16,-1`` adds an inflection (decreasing schedule)
 - ``half=macs:0.5``     the smallest constant r whose MACs are at most half the unmerged model's
 
-Options follow as ``,key=value``: ``mode=mlerp`` (``ToMeConfig.merge_mode``), ``rule=pitome``
-(``ToMeConfig.merge_rule``), ``prune=4`` (``ToMeConfig.prune_matched_layers``: ToFu's pruning in the first 4 layers)
-and, for ``macs:`` only, ``decay=0.85``: the decaying schedule with the most MACs under the fraction
-(``hf_tome.decaying_r_for_macs``) instead of constant r, with ``first=46`` fixing layer 0's step (the other layers
-are fitted around it). For example ``half=macs:0.5,decay=0.85,mode=mlerp,prune=4``.
+Options follow as ``,key=value``: ``mode=mlerp`` (``ToMeConfig.merge_mode``), ``rule=pitome`` or
+``rule=agglomerative`` (``ToMeConfig.merge_rule``), ``prune=4`` (``ToMeConfig.prune_matched_layers``: ToFu's
+pruning in the first 4 layers) and, for ``macs:`` only, ``decay=0.85``: the decaying schedule with the most MACs
+under the fraction (``hf_tome.decaying_r_for_macs``) instead of constant r, with ``first=46`` fixing layer 0's step
+(the other layers are fitted around it). For example ``half=macs:0.5,decay=0.85,mode=mlerp,prune=4``.
 The token counts, and so batching, are fixed by the schedule alone.
 """
 

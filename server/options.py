@@ -45,9 +45,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     # append to None, not to a list default: argparse would add the given budgets to the default ones
     parser.add_argument("--budget", dest="budgets", action="append", default=None,
                         help="name=spec, repeatable; spec is r:<int>[,<inflect>] or macs:<fraction>, then optionally "
-                             ",mode=mlerp, ,rule=pitome, ,prune=<layers> or (macs: only) ,decay=<factor> and "
-                             ",first=<tokens>, e.g. half=macs:0.5,decay=0.85,mode=mlerp,prune=4; the first is the "
-                             "default budget "
+                             ",mode=mlerp, ,rule=pitome|agglomerative, ,prune=<layers> or (macs: only) "
+                             ",decay=<factor> and ,first=<tokens>, e.g. half=macs:0.5,decay=0.85,mode=mlerp,prune=4; "
+                             "the first is the default budget "
                              f"(default: {' '.join(SERVE_BUDGETS)})")
     parser.add_argument("--max-batch-size", type=int, default=16, help="largest dynamic batch; 1 turns batching off")
     parser.add_argument("--batch-timeout", type=float, default=0.05, help="seconds to wait to fill a batch")

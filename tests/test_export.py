@@ -233,9 +233,10 @@ def test_families_export_with_the_torchscript_exporter(family, tmp_path):
     _check_family(family, FAMILIES[family][1][1], "torchscript", tmp_path)
 
 
+@pytest.mark.parametrize("rule", ["pitome", "agglomerative"])
 @pytest.mark.parametrize("family", ["vit", "deit"])
-def test_pitome_and_mlerp_export_with_the_torchscript_exporter(family, tmp_path):
-    _check_family(family, FAMILIES[family][1][1], "torchscript", tmp_path, merge_rule="pitome", merge_mode="mlerp")
+def test_merge_rules_and_mlerp_export_with_the_torchscript_exporter(family, rule, tmp_path):
+    _check_family(family, FAMILIES[family][1][1], "torchscript", tmp_path, merge_rule=rule, merge_mode="mlerp")
 
 
 def test_prune_matched_layers_export_with_the_torchscript_exporter(tmp_path):

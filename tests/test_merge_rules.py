@@ -1,4 +1,5 @@
-"""PiToMe's merge rule (``merge_rule="pitome"``) and ToFu's MLERP (``merge_mode="mlerp"``) beside ToMe's defaults.
+"""PiToMe's and ATC's merge rules (``merge_rule="pitome"``, ``"agglomerative"``) and ToFu's MLERP
+(``merge_mode="mlerp"``) beside ToMe's defaults.
 
 The ops are checked on constructed tensors (the isolated token PiToMe protects, the norms MLERP keeps, the same
 choice while a graph is captured); the options on tiny random ViT, DeiT, DINOv2 (with and without registers) and
@@ -18,6 +19,7 @@ from conftest import main_output, make_model, mlp_norms, tokens_seen_by
 import hf_tome
 from hf_tome import ToMeConfig
 from hf_tome.core.ops import (
+    agglomerative_matching,
     bipartite_soft_matching,
     energy_scores,
     exportable,
@@ -55,7 +57,8 @@ FAMILIES = {
     "ast": (_ast, (32, 16), 42, 2),
 }
 # (merge_rule, merge_mode): every combination but ToMe's own
-OPTIONS = [("pitome", "mean"), ("bipartite", "mlerp"), ("pitome", "mlerp")]
+OPTIONS = [("pitome", "mean"), ("bipartite", "mlerp"), ("pitome", "mlerp"), ("agglomerative", "mean"),
+           ("agglomerative", "mlerp")]
 OPTION_IDS = [f"{rule}-{mode}" for rule, mode in OPTIONS]
 R = 8
 
@@ -153,12 +156,13 @@ def test_pitome_chooses_the_same_tokens_while_a_graph_is_captured(monkeypatch):
         assert torch.equal(getattr(captured, name), getattr(eager, name))
 
 
-@pytest.mark.parametrize("rule", ["bipartite", "pitome"])
+@pytest.mark.parametrize("rule", ["bipartite", "pitome", "agglomerative"])
 def test_mlerp_merged_norm_is_the_size_weighted_mean_of_the_members_norms(rule):
     torch.manual_seed(0)
     metric, x = torch.randn(2, 21, 8), torch.randn(2, 21, 16) * torch.rand(2, 21, 1) * 5
     size = torch.randint(1, 5, (2, 21, 1)).float()
-    step = pitome_matching(metric, 6, protected=1) if rule == "pitome" else bipartite_soft_matching(metric, 6, 1)
+    match = {"bipartite": bipartite_soft_matching, "pitome": pitome_matching, "agglomerative": agglomerative_matching}
+    step = match[rule](metric, 6, 1)
     mean, mean_size = merge_weighted(step, x, size)
     mlerp, mlerp_size = merge_weighted(step, x, size, "mlerp")
     assert torch.equal(mlerp_size, mean_size)  # sizes keep their sum bookkeeping
@@ -264,18 +268,19 @@ def test_plan_round_trip_equals_apply(family, option):
     assert hf_tome.build_plan(model, r=R).merge_for_layer(0) is None  # ToMe's defaults hand layers nothing
 
 
-def test_save_and_load_keep_the_options(tmp_path):
-    model = hf_tome.apply(_build("vit"), r=R, merge_rule="pitome", merge_mode="mlerp")
+@pytest.mark.parametrize("rule", ["pitome", "agglomerative"])
+def test_save_and_load_keep_the_options(tmp_path, rule):
+    model = hf_tome.apply(_build("vit"), r=R, merge_rule=rule, merge_mode="mlerp")
     model.save_pretrained(tmp_path)
     loaded = hf_tome.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     config = tome_config_of(loaded)
-    assert (config.merge_rule, config.merge_mode, config.r) == ("pitome", "mlerp", R)
+    assert (config.merge_rule, config.merge_mode, config.r) == (rule, "mlerp", R)
     x = _inputs("vit")
     torch.testing.assert_close(main_output(_run(loaded, x)), main_output(_run(model, x)), atol=0, rtol=0)
     overridden = hf_tome.AutoModelForImageClassification.from_pretrained(tmp_path, tome_merge_mode="mean")
     assert tome_config_of(overridden).merge_mode == "mean"
-    restored = ToMeConfig.from_json_string(ToMeConfig(merge_rule="pitome", merge_mode="mlerp").to_json_string())
-    assert (restored.merge_rule, restored.merge_mode) == ("pitome", "mlerp")
+    restored = ToMeConfig.from_json_string(ToMeConfig(merge_rule=rule, merge_mode="mlerp").to_json_string())
+    assert (restored.merge_rule, restored.merge_mode) == (rule, "mlerp")
     assert (ToMeConfig().merge_rule, ToMeConfig().merge_mode) == ("bipartite", "mean")  # ToMe's defaults
 
 
@@ -290,7 +295,7 @@ def test_save_and_load_keep_the_options_on_ast(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, allowed", [
-    ("merge_rule", "tome", "'bipartite' or 'pitome'"),
+    ("merge_rule", "tome", "'bipartite' or 'pitome' or 'agglomerative'"),
     ("merge_mode", "slerp", "'mean' or 'mlerp'"),
     ("merge_mode", None, "'mean' or 'mlerp'"),
 ])
@@ -353,7 +358,8 @@ def _videomae() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("family", ["whisper", "videomae"])
-@pytest.mark.parametrize("rule,mode", [("pitome", "mean"), ("bipartite", "mlerp"), ("pitome", "mlerp")])
+@pytest.mark.parametrize("rule,mode", [("pitome", "mean"), ("bipartite", "mlerp"), ("pitome", "mlerp"),
+                                       ("agglomerative", "mlerp")])
 def test_whisper_encoder_and_videomae_take_the_options_with_tomes_token_counts(family: str, rule: str,
                                                                                mode: str) -> None:
     torch.manual_seed(3)

@@ -17,7 +17,13 @@ from test_merge_rules import FAMILIES, _build, _encoder_output, _inputs, _run
 
 import hf_tome
 from hf_tome import ToMeConfig
-from hf_tome.core.ops import bipartite_soft_matching, merge_weighted, pitome_margin, pitome_matching
+from hf_tome.core.ops import (
+    agglomerative_matching,
+    bipartite_soft_matching,
+    merge_weighted,
+    pitome_margin,
+    pitome_matching,
+)
 from hf_tome.core.ops.pruning import prune_and_merge
 from hf_tome.core.plan import LayerMerge
 from hf_tome.core.schedule import merge_schedule, tokens_per_layer
@@ -29,14 +35,15 @@ R = 8
 # The op.
 
 def _steps(metric: torch.Tensor):
-    """One step of each kind on ``metric`` [1, 9, D]: bipartite, PiToMe and prune + merge by class attention."""
+    """One step of each kind on ``metric`` [1, 9, D]: bipartite, PiToMe, ATC and prune + merge by class attention."""
     class_scores = torch.arange(9.0).flip(0)[None]  # token 0 ranks first
     return {"bipartite": bipartite_soft_matching(metric, 3, protected=1),
             "pitome": pitome_matching(metric, 3, protected=1, margin=0.5),
+            "agglomerative": agglomerative_matching(metric, 3, protected=1),
             "prune_merge": prune_and_merge(class_scores, metric, prune_kept=7, merge_kept=5, protected=1)}
 
 
-@pytest.mark.parametrize("kind", ["bipartite", "pitome", "prune_merge"])
+@pytest.mark.parametrize("kind", ["bipartite", "pitome", "agglomerative", "prune_merge"])
 def test_prune_keeps_every_output_token_as_it_was_and_adds_the_sizes(kind):
     torch.manual_seed(0)
     metric = torch.randn(1, 9, 4)

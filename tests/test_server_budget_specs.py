@@ -51,7 +51,7 @@ def test_each_budget_carries_its_plan_and_leaves_the_model_as_it_was() -> None:
     # options
     ("x=r:4,mode=max", r"^budget spec 'r:4,mode=max' is invalid: mode='max', expected one of \['mean', 'mlerp'\]$"),
     ("x=r:4,rule=greedy", r"^budget spec 'r:4,rule=greedy' is invalid: rule='greedy', expected one of "
-                          r"\['bipartite', 'pitome'\]$"),
+                          r"\['bipartite', 'pitome', 'agglomerative'\]$"),
     ("x=macs:0.5,speed=2", r"^budget spec 'macs:0.5,speed=2' is invalid: option 'speed' is unknown or given twice"),
     ("x=macs:0.5,mode=mlerp,mode=mean", r"option 'mode' is unknown or given twice"),
     ("x=r:4,decay=0.8", r"^budget spec 'r:4,decay=0.8' is invalid: expected 'r:<int>', 'r:<int>,<inflect>' or "
@@ -79,7 +79,8 @@ def test_bad_budget_specs_name_the_value(spec: str, message: str) -> None:
 def test_budget_options_set_the_merge_mode_rule_and_a_decaying_schedule() -> None:
     model = make_model("vit-cls")
     budgets = parse_budgets(model, ["soft=macs:0.5,decay=0.85,mode=mlerp", "odd=r:4,-1,rule=pitome,mode=mlerp",
-                                    "flat=macs:0.5,mode=mlerp"])
+                                    "flat=macs:0.5,mode=mlerp",
+                                    "atc=macs:0.5,decay=0.85,rule=agglomerative,mode=mlerp"])
     soft, odd, flat = budgets["soft"], budgets["odd"], budgets["flat"]
     assert soft.config == hf_tome.ToMeConfig(r=decaying_r_for_macs(model, 0.5, 0.85), merge_mode="mlerp")
     assert soft.gmacs <= parse_budgets(model, ["full=r:0"])["full"].gmacs / 2
@@ -88,6 +89,9 @@ def test_budget_options_set_the_merge_mode_rule_and_a_decaying_schedule() -> Non
     assert odd.summary()["merge_rule"] == "pitome" and odd.summary()["merge_mode"] == "mlerp"
     assert soft.summary()["r"] == list(soft.config.r) and json.dumps(soft.summary())  # JSON-ready for /info
     assert flat.config == hf_tome.ToMeConfig(r=parse_budgets(model, ["h=macs:0.5"])["h"].config.r, merge_mode="mlerp")
+    atc = budgets["atc"]
+    assert atc.config == hf_tome.ToMeConfig(r=soft.config.r, merge_rule="agglomerative", merge_mode="mlerp")
+    assert atc.plan.merge_for_layer(0).rule == "agglomerative" and atc.tokens_per_layer == soft.tokens_per_layer
 
 
 def test_the_prune_option_sets_tofus_pruning_layers_on_the_plan() -> None:

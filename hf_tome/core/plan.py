@@ -44,9 +44,9 @@ class HardKept:
 class LayerMerge:
     """How one layer merges, when it is not ToMe's default (bipartite matching, size-weighted mean).
 
-    rule: ``"bipartite"`` or ``"pitome"`` (see ``ToMeConfig.merge_rule``). mode: ``"mean"`` or ``"mlerp"`` (see
-    ``ToMeConfig.merge_mode``), or ``"prune"`` in the first ``ToMeConfig.prune_matched_layers`` layers. margin:
-    PiToMe's energy margin at this layer's depth (unused by ``"bipartite"``).
+    rule: ``"bipartite"``, ``"pitome"`` or ``"agglomerative"`` (see ``ToMeConfig.merge_rule``). mode: ``"mean"``
+    or ``"mlerp"`` (see ``ToMeConfig.merge_mode``), or ``"prune"`` in the first ``ToMeConfig.prune_matched_layers``
+    layers. margin: PiToMe's energy margin at this layer's depth (read by ``"pitome"`` only).
     """
 
     rule: str = "bipartite"

@@ -2,13 +2,14 @@
 
 ToMe merging of ``r`` tokens (:func:`reduce_tokens`), or pruning by class attention followed by merging
 (:func:`prune_merge_tokens`); :func:`reduce_layer_tokens` picks one from the layer's ``tome_kept``. A layer's
-``tome_merge`` (:class:`~hf_tome.core.plan.LayerMerge`) swaps ToMe's matching for PiToMe's rule and its mean for
-MLERP. Sizes and sources are float32 whatever the model dtype. Pure tensor code: no transformers.
+``tome_merge`` (:class:`~hf_tome.core.plan.LayerMerge`) swaps ToMe's matching for PiToMe's or ATC's rule and its
+mean for MLERP. Sizes and sources are float32 whatever the model dtype. Pure tensor code: no transformers.
 """
 
 import torch
 
 from hf_tome.core.ops import (
+    agglomerative_matching,
     bipartite_soft_matching,
     initial_positions,
     merge_source,
@@ -70,8 +71,9 @@ def reduce_tokens(
     """Merge ``r`` tokens of ``hidden`` (size-weighted) and carry sizes, positions and sources along.
 
     ``merge`` None is ToMe (bipartite soft matching, size-weighted mean); otherwise its rule picks the tokens
-    (``"pitome"``: by energy, at its margin) and its mode forms the merged hidden states (``"mlerp"``). Either rule
-    merges exactly ``r`` tokens (after the same clamp), so token counts do not depend on it.
+    (``"pitome"``: by energy, at its margin; ``"agglomerative"``: average-linkage clusters) and its mode forms the
+    merged hidden states (``"mlerp"``). Every rule merges exactly ``r`` tokens (after the same clamp), so token
+    counts do not depend on it.
     """
     num_tokens = hidden.shape[1]
     r = clamp_r(r, num_tokens, protected)
@@ -80,6 +82,8 @@ def reduce_tokens(
     merge = merge or LayerMerge()
     if merge.rule == "pitome":
         matching = pitome_matching(metric, r, protected, margin=merge.margin)
+    elif merge.rule == "agglomerative":
+        matching = agglomerative_matching(metric, r, protected)
     else:
         matching = bipartite_soft_matching(metric, r, protected)
     size, positions, source = _start_tracking(hidden, size, positions, source, trace_source)

@@ -50,7 +50,8 @@ def saliency_fidelity(backbone: nn.Module, decoder: nn.Module, image_processor, 
     """Compare the saliency of every photo with merging at each r against the unmerged backbone.
 
     ``merge_rule`` and ``merge_mode`` are ``ToMeConfig``'s fields of the same names: which tokens merge
-    (``"bipartite"``: ToMe's matching, ``"pitome"``: PiToMe's energy rule) and how a merged token is formed
+    (``"bipartite"``: ToMe's matching, ``"pitome"``: PiToMe's energy rule, ``"agglomerative"``: ATC's clustering)
+    and how a merged token is formed
     (``"mean"`` or ``"mlerp"``); every r runs with them.
 
     Returns the fidelity per r and the maps themselves (``"unmerged"`` and ``"r=<r>"``, [P, 1, H, W]).
