@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--inflect", type=float, nargs="+", default=[0.0, -1.0],
                         help="schedule shapes to try for every target (0 = constant r, -1 = decreasing 2r..0)")
     parser.add_argument("--rules", nargs="+", default=[DEFAULT_RULE], choices=list(RULES),
-                        help="merge rules to run at every r (tome = bipartite + mean; pitome, mlerp, pitome+mlerp)")
+                        help="merge rules to run at every r (tome = bipartite + mean; the others: see RULES)")
     parser.add_argument("--batch", type=int, default=8, help="clips per generate() call and per timed encoder batch")
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds (median and best reported)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())

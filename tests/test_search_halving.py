@@ -359,6 +359,28 @@ def test_search_with_mlerp_scores_and_saves_mlerp(tiny_classifier_and_data, tmp_
     assert (evaluator.plan.merge_rule, evaluator.plan.merge_mode) == ("pitome", "mean")
 
 
+def test_search_with_atc_scores_and_saves_the_rule(tiny_classifier_and_data, tmp_path):  # noqa: F811
+    import datasets
+    from accelerate import Accelerator
+
+    from hf_tome.budgets.search_eval import CachedEvaluator
+
+    model_dir, data_dir = tiny_classifier_and_data
+    out = tmp_path / "out"
+    search.main(["--model", str(model_dir), "--dataset", str(data_dir), "--targets", "0.6", "--merge-rule",
+                 "agglomerative", "--merge-mode", "mlerp", "--search-images", "16", "--val-images", "8",
+                 "--min-images", "8", "--eta", "2", "--finalists", "1", "--batch-size", "8", "--dtype", "float32",
+                 "--out", str(out), "--no-baseline"])
+    loaded = hf_tome.AutoModelForImageClassification.from_pretrained(out / "model", tome_budget=0.6)
+    assert (loaded.tome_config.merge_rule, loaded.tome_config.merge_mode) == ("agglomerative", "mlerp")
+    assert json.loads((out / "search.json").read_text())["options"]["merge_rule"] == "agglomerative"
+    evaluator = CachedEvaluator(loaded, datasets.load_from_disk(str(data_dir)), T.AutoImageProcessor.from_pretrained(
+        model_dir), Accelerator(), torch.float32, batch_size=8, keep_pixels=True)
+    settings = [{"r": 12}, {"r": 12, "merge_rule": "bipartite"}]
+    nll = evaluator.evaluate_from_pixels(settings, 16)[:, 1]
+    assert abs(nll[0] - nll[1]) > 1e-4, nll  # the saved rule is the one scored
+
+
 def test_the_search_keeps_freed_memory_unless_told_not_to(monkeypatch) -> None:
     import argparse
 
