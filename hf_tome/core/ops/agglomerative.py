@@ -70,9 +70,9 @@ class _Clusters:
     def join(self, similarity: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """Join cluster ``second`` into ``first`` (indices [B, 1], first < second); write and return the new row.
 
-        The new row [B, N] holds the joined cluster's average-linkage similarity to every other cluster
-        (-inf to itself and to closed tokens) and is written into ``similarity``'s row and column ``first``.
-        Row and column ``second`` are left to the caller.
+        The new row [B, N] holds the joined cluster's average-linkage similarity to every open cluster, -inf to
+        itself and to protected tokens, and is written into ``similarity``'s row and column ``first``. Row and column
+        ``second``, and the columns of tokens joined away earlier, are the caller's (overwritten or masked).
         """
         num_tokens = similarity.shape[1]
         rows = [similarity.gather(1, i[..., None].expand(-1, -1, num_tokens))[:, 0] for i in (first, second)]
