@@ -154,24 +154,24 @@ def main(argv: list[str] | None = None) -> None:
     for selection in selections:
         speedup, r, decay = selection["speedup"], selection["constant_r"], selection["chosen_decay"]
         first = selection["chosen_first_step"]
+        shape = _shape_name(decay, first, r)
+        decaying = decay != 1.0 or first is not None  # decay 1.0 without a first step is constant r
         run(f"ToMe r={r}", r, "mean", speedup)
         run(f"ToMe r={r}, MLERP", r, "mlerp", speedup)
-        if decay != 1.0 or first is not None:  # decay 1.0 without a first step is constant r, already above
-            shape = _shape_name(decay, first, r)
+        if decaying:  # constant r ran just above
             run(shape, selection["chosen_schedule"], "mean", speedup)
             run(f"{shape}, MLERP", selection["chosen_schedule"], "mlerp", speedup)
         if first is not None and selection["plain_decay"] != 1.0:  # the best geometric one, for comparison
             run(f"decay {selection['plain_decay']:g}, MLERP", selection["plain_schedule"], "mlerp", speedup)
         pair = selection["chosen_pair"]
         if pair["prune_matched_layers"]:
-            shape = _shape_name(pair["decay"], pair["first_step"], r)
-            run(f"{shape}, prune {pair['prune_matched_layers']}, MLERP", pair["schedule"], "mlerp", speedup,
+            pair_shape = _shape_name(pair["decay"], pair["first_step"], r)
+            run(f"{pair_shape}, prune {pair['prune_matched_layers']}, MLERP", pair["schedule"], "mlerp", speedup,
                 pair["prune_matched_layers"])
         for rule in args.merge_rules:
             run(f"ToMe r={r}, {rule}, MLERP", r, "mlerp", speedup, rule=rule)
-            if decay != 1.0 or first is not None:
-                run(f"{_shape_name(decay, first, r)}, {rule}, MLERP", selection["chosen_schedule"], "mlerp", speedup,
-                    rule=rule)
+            if decaying:
+                run(f"{shape}, {rule}, MLERP", selection["chosen_schedule"], "mlerp", speedup, rule=rule)
     hf_tome.remove(model)
     base = rows[0]
     for row in rows:

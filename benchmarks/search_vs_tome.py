@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from hf_tome.config import MERGE_MODES, MERGE_RULES
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"search_images": 32, "val_images": 16, "test_images": 64, "min_images": 8, "eta": 2.0, "finalists": 1,
          "batch_size": 16}
@@ -66,9 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="use the MACs of constant-r ToMe with these r as the targets (the same MACs exactly)")
     parser.add_argument("--merge-matches", nargs="+", default=["class_attention", "bipartite"],
                         help="merge rules the candidates take in turn (see hf-tome search --help)")
-    parser.add_argument("--merge-rule", choices=["bipartite", "pitome", "agglomerative"], default=None,
+    parser.add_argument("--merge-rule", choices=list(MERGE_RULES), default=None,
                         help="merge rule of the searched candidates (see hf-tome search --help; default bipartite)")
-    parser.add_argument("--merge-mode", choices=["mean", "mlerp"], default=None,
+    parser.add_argument("--merge-mode", choices=list(MERGE_MODES), default=None,
                         help="merge mode of the searched candidates (default mean). Constant-r ToMe always runs "
                         "with ToMe's own rule and mean; with another rule or mode it also runs with the searched "
                         "rows' rule and mode, so both gains are visible")

@@ -77,10 +77,10 @@ class _Clusters:
         num_tokens = similarity.shape[1]
         rows = [similarity.gather(1, i[..., None].expand(-1, -1, num_tokens))[:, 0] for i in (first, second)]
         count_first, count_second = self.members.gather(1, first), self.members.gather(1, second)
-        # -inf (a protected or closed token) stays -inf: both counts are positive.
+        # -inf (a protected or closed token) stays -inf: both counts are positive. So do the new row's own columns:
+        # the diagonal is -inf from the start and every written row keeps it, so s(first, first) and
+        # s(second, second) carry -inf into columns first and second.
         joined = (count_first * rows[0] + count_second * rows[1]) / (count_first + count_second)
-        columns = torch.arange(num_tokens, device=similarity.device)
-        joined = joined.masked_fill((columns == first) | (columns == second), -torch.inf)
         # Rows and columns by scatter rather than advanced indexing: both export as one ScatterElements node.
         similarity.scatter_(1, first[..., None].expand(-1, -1, num_tokens), joined[:, None])
         similarity.scatter_(2, first[:, None].expand(-1, num_tokens, -1), joined[..., None])
@@ -89,9 +89,8 @@ class _Clusters:
         return joined
 
 
-def _pair(flat_best: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair (lower index, higher index) [B, 1] each of a flat index row * N + column."""
-    row, column = flat_best // num_tokens, flat_best % num_tokens
+def _pair(row: torch.Tensor, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair (lower index, higher index) [B, 1] each of a maximum's row and column [B]."""
     return torch.minimum(row, column)[:, None], torch.maximum(row, column)[:, None]
 
 
@@ -100,7 +99,8 @@ def _join_by_full_maximum(similarity: torch.Tensor, r: int) -> torch.Tensor:
     num_tokens = similarity.shape[1]
     clusters = _Clusters(similarity)
     for _ in range(r):
-        first, second = _pair(similarity.flatten(1).argmax(dim=1), num_tokens)
+        flat_best = similarity.flatten(1).argmax(dim=1)
+        first, second = _pair(flat_best // num_tokens, flat_best % num_tokens)
         clusters.join(similarity, first, second)
         closed = torch.full_like(similarity[:, 0], -torch.inf)
         similarity.scatter_(1, second[..., None].expand(-1, -1, num_tokens), closed[:, None])
@@ -123,7 +123,7 @@ def _join_by_row_maxima(similarity: torch.Tensor, r: int) -> torch.Tensor:
     best_value, best_column = similarity.max(dim=2)
     for _ in range(r):
         row = best_value.argmax(dim=1, keepdim=True)
-        first, second = _pair(row[:, 0] * num_tokens + best_column.gather(1, row)[:, 0], num_tokens)
+        first, second = _pair(row[:, 0], best_column.gather(1, row)[:, 0])
         closed.scatter_(1, second, True)
         # The joined row is exact in every open column; in closed ones it may hold stale values, which the masks
         # below keep out of every maximum.
