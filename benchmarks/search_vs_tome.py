@@ -6,12 +6,14 @@
    224 px; skipped with ``--model`` pointing at a folder that already has a budget table).
 2. On held-out Fashion-MNIST *test* images (all 10,000 by default), every setting runs end to end from the
    pixels: the full model, each searched row, and for each row the constant ToMe r with the fewest MACs that are
-   still >= the row's (so ToMe never gets less compute), plus the next r (fewer MACs) for the plot.
+   still >= the row's (so ToMe never gets less compute), the same r with the searched rows' merging, and
+   constant-r ToMe at the ``--tome-curve`` r (6, 9, 15, 21 by default) for the plot's curve.
 
 Prints a markdown table, the paired differences and the search time, and writes ``search_vs_tome.json`` into
 ``--out`` (default ``benchmarks/results``) and a plot of accuracy against GMACs to ``--plot`` (default
-``benchmarks/plots/search_vs_tome.png``). ``--merge-mode mlerp`` searches and saves the rows with ToFu's
-norm-preserving merge; constant-r ToMe then runs both as published (mean) and with MLERP.
+``benchmarks/plots/search_vs_tome.png``). The searched rows merge with ATC's agglomerative clustering and
+ToFu's norm-preserving MLERP by default (``--merge-rule bipartite --merge-mode mean`` is ToMe's merging);
+constant-r ToMe runs both as published (bipartite, mean) and with the searched rows' merging.
 
     python benchmarks/search_vs_tome.py --threads 2            # the full run: ~20 min search + the test images
     python benchmarks/search_vs_tome.py --quick --threads 2    # smoke run: a few images, about a minute
@@ -68,12 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="use the MACs of constant-r ToMe with these r as the targets (the same MACs exactly)")
     parser.add_argument("--merge-matches", nargs="+", default=["class_attention", "bipartite"],
                         help="merge rules the candidates take in turn (see hf-tome search --help)")
-    parser.add_argument("--merge-rule", choices=list(MERGE_RULES), default=None,
-                        help="merge rule of the searched candidates (see hf-tome search --help; default bipartite)")
-    parser.add_argument("--merge-mode", choices=list(MERGE_MODES), default=None,
-                        help="merge mode of the searched candidates (default mean). Constant-r ToMe always runs "
-                        "with ToMe's own rule and mean; with another rule or mode it also runs with the searched "
-                        "rows' rule and mode, so both gains are visible")
+    # ATC's clustering with MLERP: the most accurate merging measured at equal MACs ("Agglomerative clustering"
+    # in the README). hf-tome search itself keeps ToMe's bipartite mean, which is faster at the same MACs.
+    parser.add_argument("--merge-rule", choices=list(MERGE_RULES), default="agglomerative",
+                        help="merge rule of the searched candidates (see hf-tome search --help; default "
+                        "agglomerative, where hf-tome search's own default is bipartite)")
+    parser.add_argument("--merge-mode", choices=list(MERGE_MODES), default="mlerp",
+                        help="merge mode of the searched candidates (default mlerp, where hf-tome search's is "
+                        "mean). Constant-r ToMe always runs with ToMe's own rule and mean; with another rule or "
+                        "mode it also runs with the searched rows' rule and mode, so both gains are visible")
     parser.add_argument("--prune-matched-layers", type=int, default=None,
                         help="ToFu's pruning layers of the searched candidates (see hf-tome search --help; default "
                         "0); constant-r ToMe then also runs with the searched rows' merging, as for --merge-mode")
@@ -90,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
                         help="only plot these runs' search_vs_tome.json together (into --out) and exit")
     parser.add_argument("--neighbours", action="store_true", help="also run the next r (fewer MACs) for the plot")
+    parser.add_argument("--tome-curve", type=int, nargs="*", default=[6, 9, 15, 21], metavar="R",
+                        help="further constant r (ToMe's rule and mean) for the plot's curve, beside the r paired "
+                        "with each searched row (alone: none)")
     args = parser.parse_args(argv)
     defaults = {"search_images": 1024, "val_images": 256, "test_images": 10_000, "batch_size": 64}
     for key, value in {**defaults, **(QUICK if args.quick else {})}.items():
@@ -189,7 +197,13 @@ def main() -> None:
         if other_merging:  # the same constant r with the searched rows' rule and mode
             settings.append({"name": f"ToMe r={at_least}, {other_merging}", "gflops": constant_r_gmacs(space, at_least),
                              "r": at_least, "same_merging_with": row["fraction"], **merging})
-    unique = list({s["name"]: s for s in settings}.values())
+    for r in args.tome_curve:
+        settings.append({"name": f"ToMe r={r}", "gflops": constant_r_gmacs(space, r), "r": r, **tome_merging})
+    # a name seen twice keeps its first setting, so a curve r that is also a paired one stays paired
+    by_name: dict[str, dict] = {}
+    for setting in settings:
+        by_name.setdefault(setting["name"], setting)
+    unique = list(by_name.values())
     timings: list[float] = []
     start = time.perf_counter()
     scores = evaluator.evaluate_from_pixels(unique, args.test_images, "test settings", timings)
