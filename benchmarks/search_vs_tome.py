@@ -297,8 +297,10 @@ def plot(results: list[dict], full: float, path: Path, images: int,
     series = {label: results, **(others or {})}
     for (name, rows), marker in zip(series.items(), ("o-", "^-", "v-", "D-"), strict=False):
         searched = sorted([r for r in rows if r["name"] != "full" and r["r"] is None], key=lambda r: r["gflops"])
-        modes = {r.get("merge_mode", "mean") for r in searched} - {"mean"}
-        name = f"{name}, {', '.join(sorted(modes))}" if modes else name
+        # the merging that is not ToMe's (older runs' JSON has neither key: bipartite, mean)
+        words = sorted({r.get("merge_rule", "bipartite") for r in searched} - {"bipartite"})
+        words += sorted({r.get("merge_mode", "mean") for r in searched} - {"mean"})
+        name = f"{name}, {', '.join(words)}" if words else name
         axis.plot([r["gflops"] for r in searched], [100 * r["accuracy"] for r in searched], marker, label=name)
     axis.plot([r["gflops"] for r in tome], [100 * r["accuracy"] for r in tome], "s--", label="ToMe, constant r")
     if tome_other:
@@ -332,7 +334,10 @@ def replot(paths: list[Path], out: Path) -> None:
             return f"prune + merge, {method} search"
         # Runs from before merge_match existed searched the class-attention rule only.
         rules = " + ".join(options.get("merge_matches", ["class_attention"])).replace("_", " ")
-        return f"random search, {options.get('candidates')} candidates, {rules}"
+        # successive halving leaves candidates unset (its own default); its log has the count it drew
+        schedule = (payload.get("search") or {}).get("log", {}).get("schedule", {})
+        candidates = options.get("candidates") or schedule.get("candidates")
+        return f"random search, {candidates} candidates, {rules}"
 
     first = payloads[0]
     others = {label(payload): payload["results"] for payload in payloads[1:]}
