@@ -15,7 +15,7 @@ Prints a markdown table, the paired differences and the search time, and writes 
 ToFu's norm-preserving MLERP by default (``--merge-rule bipartite --merge-mode mean`` is ToMe's merging);
 constant-r ToMe runs both as published (bipartite, mean) and with the searched rows' merging.
 
-    python benchmarks/search_vs_tome.py --threads 2            # the full run: ~20 min search + the test images
+    python benchmarks/search_vs_tome.py --threads 2            # the full run: ~20 min search + ~65 min of tests
     python benchmarks/search_vs_tome.py --quick --threads 2    # smoke run: a few images, about a minute
 """
 
