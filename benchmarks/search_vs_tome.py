@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from hf_tome.config import MERGE_MODES, MERGE_RULES
+from hf_tome.config import MERGE_MODES, MERGE_OPTION_DEFAULTS, MERGE_RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"search_images": 32, "val_images": 16, "test_images": 64, "min_images": 8, "eta": 2.0, "finalists": 1,
@@ -121,7 +121,6 @@ def main() -> None:
     from hf_tome.budgets.search import SearchOptions, constant_r_gmacs, run_search
     from hf_tome.budgets.search_eval import CachedEvaluator
     from hf_tome.budgets.search_space import SearchSpace
-    from hf_tome.config import MERGE_OPTION_DEFAULTS
     from hf_tome.core.macs import nearest_r
     from hf_tome.evaluation.assets.fashion_mnist import load_fashion_mnist
     from hf_tome.evaluation.classification import resolve_dtype
@@ -180,8 +179,12 @@ def main() -> None:
                                               merge_kept=None), test, processor, accelerator, dtype,
                                 args.batch_size, keep_pixels=True)
     tome_merging = dict(MERGE_OPTION_DEFAULTS)
-    other_merging = ", ".join(_merging_words(key, value) for key, value in merging.items()
-                              if value != tome_merging[key])
+    other_merging = _merging_label(merging)
+
+    def tome_setting(r: int, **extra) -> dict:
+        """Constant-r ToMe as published (bipartite, mean), as one test setting."""
+        return {"name": f"ToMe r={r}", "gflops": constant_r_gmacs(space, r), "r": r, **tome_merging, **extra}
+
     settings = [{"name": "full", "gflops": full, "prune_kept": None, "merge_kept": None}]
     for row in sorted(table, key=lambda row: -row["gflops"]):
         if row["fraction"] >= 0.999:
@@ -192,13 +195,12 @@ def main() -> None:
         # the constant r with the fewest MACs still >= the row's (r=0 always qualifies: rows are <= full)
         at_least = nearest_r(partial(constant_r_gmacs, space), row["gflops"], space.num_tokens - 1, side="at_least")
         for r in (at_least, at_least + 1) if args.neighbours else (at_least,):
-            settings.append({"name": f"ToMe r={r}", "gflops": constant_r_gmacs(space, r), "r": r,
-                             "paired_with": row["fraction"] if r == at_least else None, **tome_merging})
+            settings.append(tome_setting(r, paired_with=row["fraction"] if r == at_least else None))
         if other_merging:  # the same constant r with the searched rows' rule and mode
             settings.append({"name": f"ToMe r={at_least}, {other_merging}", "gflops": constant_r_gmacs(space, at_least),
                              "r": at_least, "same_merging_with": row["fraction"], **merging})
     for r in args.tome_curve:
-        settings.append({"name": f"ToMe r={r}", "gflops": constant_r_gmacs(space, r), "r": r, **tome_merging})
+        settings.append(tome_setting(r))
     # a name seen twice keeps its first setting, so a curve r that is also a paired one stays paired
     by_name: dict[str, dict] = {}
     for setting in settings:
@@ -275,9 +277,15 @@ def main() -> None:
     print(f"wrote {args.out / 'search_vs_tome.json'} and {args.plot}")
 
 
-def _merging_words(key: str, value: str | int) -> str:
-    """How a row name shows a merging setting that is not ToMe's: "mlerp", "pitome", "prune 4"."""
-    return f"prune {value}" if key == "prune_matched_layers" else str(value)
+def _merging_label(setting: dict) -> str:
+    """The merging settings of ``setting`` that are not ToMe's, as a row name shows them: "agglomerative, mlerp",
+    "pitome", "prune 4"; "" for ToMe's own. A missing key is ToMe's (older runs' JSON has none)."""
+    words = []
+    for key, default in MERGE_OPTION_DEFAULTS.items():
+        value = setting.get(key, default)
+        if value != default:
+            words.append(f"prune {value}" if key == "prune_matched_layers" else str(value))
+    return ", ".join(words)
 
 
 def plot(results: list[dict], full: float, path: Path, images: int,
@@ -297,10 +305,8 @@ def plot(results: list[dict], full: float, path: Path, images: int,
     series = {label: results, **(others or {})}
     for (name, rows), marker in zip(series.items(), ("o-", "^-", "v-", "D-"), strict=False):
         searched = sorted([r for r in rows if r["name"] != "full" and r["r"] is None], key=lambda r: r["gflops"])
-        # the merging that is not ToMe's (older runs' JSON has neither key: bipartite, mean)
-        words = sorted({r.get("merge_rule", "bipartite") for r in searched} - {"bipartite"})
-        words += sorted({r.get("merge_mode", "mean") for r in searched} - {"mean"})
-        name = f"{name}, {', '.join(words)}" if words else name
+        merging = _merging_label(searched[0]) if searched else ""  # a run's searched rows share their merging
+        name = f"{name}, {merging}" if merging else name
         axis.plot([r["gflops"] for r in searched], [100 * r["accuracy"] for r in searched], marker, label=name)
     axis.plot([r["gflops"] for r in tome], [100 * r["accuracy"] for r in tome], "s--", label="ToMe, constant r")
     if tome_other:

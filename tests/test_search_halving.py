@@ -335,23 +335,31 @@ def seed_r(seed: Candidate) -> int:
 # --- the merge rule and mode reach the candidates and the saved table (issue 19's options in the search) --------
 
 
-def test_search_with_mlerp_scores_and_saves_mlerp(tiny_classifier_and_data, tmp_path):  # noqa: F811
+def _search_with(merging: list[str], classifier_and_data, tmp_path):
+    """Run a small search at target 0.6 with the ``merging`` flags on ``classifier_and_data`` (the fixture's
+    folders); return its options (``search.json``), the saved model loaded at that budget, and an evaluator of
+    that model on the search images."""
     import datasets
     from accelerate import Accelerator
 
     from hf_tome.budgets.search_eval import CachedEvaluator
 
-    model_dir, data_dir = tiny_classifier_and_data
+    model_dir, data_dir = classifier_and_data
     out = tmp_path / "out"
-    search.main(["--model", str(model_dir), "--dataset", str(data_dir), "--targets", "0.6", "--merge-mode", "mlerp",
+    search.main(["--model", str(model_dir), "--dataset", str(data_dir), "--targets", "0.6", *merging,
                  "--search-images", "16", "--val-images", "8", "--min-images", "8", "--eta", "2", "--finalists", "1",
                  "--batch-size", "8", "--dtype", "float32", "--out", str(out), "--no-baseline"])
     loaded = hf_tome.AutoModelForImageClassification.from_pretrained(out / "model", tome_budget=0.6)
-    assert (loaded.tome_config.merge_mode, loaded.tome_config.merge_rule) == ("mlerp", "bipartite")
-    assert json.loads((out / "search.json").read_text())["options"]["merge_mode"] == "mlerp"
-    # per setting, the evaluator runs the saved mode unless the setting names another
     evaluator = CachedEvaluator(loaded, datasets.load_from_disk(str(data_dir)), T.AutoImageProcessor.from_pretrained(
         model_dir), Accelerator(), torch.float32, batch_size=8, keep_pixels=True)
+    return json.loads((out / "search.json").read_text())["options"], loaded, evaluator
+
+
+def test_search_with_mlerp_scores_and_saves_mlerp(tiny_classifier_and_data, tmp_path):  # noqa: F811
+    options, loaded, evaluator = _search_with(["--merge-mode", "mlerp"], tiny_classifier_and_data, tmp_path)
+    assert (loaded.tome_config.merge_mode, loaded.tome_config.merge_rule) == ("mlerp", "bipartite")
+    assert options["merge_mode"] == "mlerp"
+    # per setting, the evaluator runs the saved mode unless the setting names another
     settings = [{"r": 12}, {"r": 12, "merge_mode": "mlerp"}, {"r": 12, "merge_mode": "mean"}]
     nll = evaluator.evaluate_from_pixels(settings, 16)[:, 1]
     assert nll[0] == nll[1] and abs(nll[0] - nll[2]) > 1e-4, nll
@@ -360,22 +368,10 @@ def test_search_with_mlerp_scores_and_saves_mlerp(tiny_classifier_and_data, tmp_
 
 
 def test_search_with_atc_scores_and_saves_the_rule(tiny_classifier_and_data, tmp_path):  # noqa: F811
-    import datasets
-    from accelerate import Accelerator
-
-    from hf_tome.budgets.search_eval import CachedEvaluator
-
-    model_dir, data_dir = tiny_classifier_and_data
-    out = tmp_path / "out"
-    search.main(["--model", str(model_dir), "--dataset", str(data_dir), "--targets", "0.6", "--merge-rule",
-                 "agglomerative", "--merge-mode", "mlerp", "--search-images", "16", "--val-images", "8",
-                 "--min-images", "8", "--eta", "2", "--finalists", "1", "--batch-size", "8", "--dtype", "float32",
-                 "--out", str(out), "--no-baseline"])
-    loaded = hf_tome.AutoModelForImageClassification.from_pretrained(out / "model", tome_budget=0.6)
+    options, loaded, evaluator = _search_with(["--merge-rule", "agglomerative", "--merge-mode", "mlerp"],
+                                              tiny_classifier_and_data, tmp_path)
     assert (loaded.tome_config.merge_rule, loaded.tome_config.merge_mode) == ("agglomerative", "mlerp")
-    assert json.loads((out / "search.json").read_text())["options"]["merge_rule"] == "agglomerative"
-    evaluator = CachedEvaluator(loaded, datasets.load_from_disk(str(data_dir)), T.AutoImageProcessor.from_pretrained(
-        model_dir), Accelerator(), torch.float32, batch_size=8, keep_pixels=True)
+    assert options["merge_rule"] == "agglomerative"
     settings = [{"r": 12}, {"r": 12, "merge_rule": "bipartite"}]
     nll = evaluator.evaluate_from_pixels(settings, 16)[:, 1]
     assert abs(nll[0] - nll[1]) > 1e-4, nll  # the saved rule is the one scored
